@@ -1,0 +1,192 @@
+"""Save / load Flax variables (``{"params": ..., "batch_stats": ...}``) with orbax-checkpoint.
+
+On-disk layout of a saved directory ``DIR``::
+
+    DIR/metadata.json   # JSON: user metadata (model, source sha256, ...) + format, versions, git rev
+    DIR/variables/      # orbax PyTreeCheckpointer checkpoint of the variables (numpy float arrays)
+
+Saving is atomic: everything is written to a temporary sibling directory that is renamed to ``DIR``
+at the end, so a crash never leaves a half-written ``DIR``. An existing ``DIR`` is only replaced with
+``overwrite=True``, and only if it is empty or itself a saved-variables directory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FORMAT = "fgq-jax-variables"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+VARIABLES_DIR = "variables"
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the repository holding ``path`` (default: this package), with a
+    ``-dirty`` suffix when tracked files are modified; None outside a git checkout."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that define the saved format and numerics."""
+    import flax
+    import orbax.checkpoint as ocp
+
+    versions = {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__}
+    versions["orbax-checkpoint"] = getattr(ocp, "__version__", "unknown")
+    return versions
+
+
+def _is_saved_dir(path: Path) -> bool:
+    try:
+        return json.loads((path / METADATA_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _validate_variables(variables: Any) -> dict[str, dict]:
+    """Check the ``{collection: nested dict of arrays}`` shape and convert leaves to numpy."""
+    if not isinstance(variables, Mapping) or not variables:
+        raise ValueError(f"variables must be a non-empty dict of collections, got {type(variables).__name__}")
+
+    def to_np(x):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ValueError(f"variables leaves must be arrays, got {type(x).__name__}")
+        return np.asarray(x)  # host copy: orbax then saves plain arrays without device sharding
+
+    out = {}
+    for name, tree in variables.items():
+        if not isinstance(name, str) or not isinstance(tree, Mapping):
+            raise ValueError(f"variables[{name!r}] must be a (possibly empty) dict of arrays")
+        out[name] = jax.tree.map(to_np, dict(tree))
+    return out
+
+
+def save_variables(
+    directory: str | os.PathLike,
+    variables: Mapping[str, Mapping],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Save ``variables`` (e.g. ``{"params": ..., "batch_stats": ...}``) and ``metadata`` to ``directory``.
+
+    ``metadata`` must be JSON-serialisable (model name, source file sha256, ...); ``format``,
+    ``collections``, ``num_params``, ``versions``, ``git_rev`` and ``created_utc`` are added (the
+    latter three only if absent). Returns the absolute directory path.
+
+    Raises FileExistsError if ``directory`` exists and ``overwrite`` is False (or it exists, is not
+    empty and is not a saved-variables directory), ValueError for bad variables/metadata.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists():
+        if not overwrite:
+            raise FileExistsError(f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        if not directory.is_dir() or (any(directory.iterdir()) and not _is_saved_dir(directory)):
+            raise FileExistsError(f"{directory} exists and is not a saved-variables directory; refusing to replace it")
+    tree = _validate_variables(variables)
+    meta = {
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_rev": git_revision(),
+        "versions": library_versions(),
+        **dict(metadata or {}),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "collections": sorted(tree),
+        "num_params": int(sum(x.size for x in jax.tree.leaves(tree.get("params", {})))),
+    }
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata is not JSON-serialisable: {e}") from e
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        # orbax does not save empty subtrees (AlexNet has no batch_stats); "collections" restores them.
+        to_save = {k: v for k, v in tree.items() if jax.tree.leaves(v)}
+        with ocp.PyTreeCheckpointer() as ckptr:
+            ckptr.save(tmp / VARIABLES_DIR, to_save)
+        (tmp / METADATA_FILE).write_text(meta_text + "\n")
+        if directory.exists():  # overwrite: swap in, then delete the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.rename(directory, old / "d")
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_variables(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Load what save_variables wrote: ``(variables, metadata)``.
+
+    ``variables`` is a plain nested dict of jax arrays with the saved dtypes, e.g.
+    ``{"params": {...}, "batch_stats": {...}}``, ready for ``module.apply``.
+    Raises FileNotFoundError (no such directory) or ValueError (not a saved-variables directory,
+    unreadable metadata or checkpoint).
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).expanduser().absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no saved variables at {directory} (directory not found)")
+    meta_path = directory / METADATA_FILE
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{directory} is not a saved-variables directory: {METADATA_FILE} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path}: unreadable metadata: {e}") from e
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: not written by fgq_jax.checkpoint.save_variables (format != {FORMAT!r})")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format version {metadata['format_version']} is newer than this code")
+    ckpt_path = directory / VARIABLES_DIR
+    if not ckpt_path.is_dir():
+        raise ValueError(f"{directory}: {VARIABLES_DIR}/ is missing (incomplete or damaged save)")
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            item_meta = ckptr.metadata(ckpt_path)
+            tree_meta = getattr(item_meta, "item_metadata", item_meta)
+            tree_meta = getattr(tree_meta, "tree", tree_meta)
+            # Restore as numpy (no sharding guesswork / warnings), then hand back jax arrays.
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
+            restored = ckptr.restore(ckpt_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise ValueError(f"{ckpt_path}: could not restore the orbax checkpoint: {type(e).__name__}: {e}") from e
+    variables = {k: jax.tree.map(jnp.asarray, dict(v)) for k, v in dict(restored).items()}
+    for name in metadata.get("collections", []):
+        variables.setdefault(name, {})
+    return variables, metadata
