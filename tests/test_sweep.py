@@ -1,0 +1,119 @@
+"""The sweep runner: grid, compile-once, resumability, outputs (real ResNet-20 on a test subset)."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fgq_jax import sweep
+from fgq_jax.data import default_shared_dir
+
+SHARED = default_shared_dir()
+CKPT = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
+needs_shared = pytest.mark.skipif(
+    not (CKPT.exists() and (SHARED / "data" / "cifar10-jpeg" / "test.tar.gz").exists()),
+    reason=f"shared weights/data not found under {SHARED}",
+)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_config(**kw):
+    base = dict(
+        name="smoke",
+        model="resnet20",
+        checkpoint="{shared}/models/cifar-resnet/resnet20-12fca82f.th",
+        group_sizes=(4, 64, "tensor"),
+        act_bits=(8,),
+        methods=("exact", "twn"),
+        repairs=((),),
+        num_calib=32,
+        num_repair=64,
+        num_fit=32,
+        test_limit=200,
+        batch_size=100,
+    )
+    base.update(kw)
+    return sweep.SweepConfig(**base)
+
+
+def test_grid_and_validation():
+    cfg = small_config(act_bits=(None, 8), repairs=((), ("bn_reestimate",)))
+    points = sweep.sweep_points(cfg)
+    # per activation setting: 2 FP references (plain, BN re-estimated) + 2 methods x 3 N x 2 repairs
+    assert len(points) == 2 * (2 + 2 * 3 * 2)
+    assert len({sweep.point_key(p) for p in points}) == len(points)
+    assert points[0]["method"] == "fp" and points[0]["group_size"] == "fp"
+    with pytest.raises(ValueError, match="unknown sweep method"):
+        small_config(methods=("nope",))
+    with pytest.raises(ValueError, match="unknown repair"):
+        small_config(repairs=(("magic",),))
+    with pytest.raises(ValueError, match="group size"):
+        small_config(group_sizes=(0,))
+
+
+@needs_shared
+def test_sweep_compiles_once_per_activation_setting_and_writes_outputs(tmp_path):
+    cfg = small_config()
+    evaluators = {}
+    csv_path = sweep.run_sweep(cfg, out_root=tmp_path, evaluators=evaluators, progress=False)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert len(rows) == 1 + 2 * 3
+    for col in sweep.COLUMNS:
+        assert col in rows[0]
+    # FP weights + 8-bit activations quantize the last layer's input too, ternary points do not:
+    # two activation configs, each compiled exactly once for all of its points.
+    assert len(evaluators) == 2
+    assert all(ev.compilations == 1 for ev in evaluators.values())
+    by = {(r["method"], r["group_size"]): r for r in rows}
+    assert float(by[("exact", "4")]["quantized_mult_eliminated_pct"]) == pytest.approx(75.0)
+    assert float(by[("exact", "64")]["quantized_mult_eliminated_pct"]) > 98.0
+    assert by[("fp", "fp")]["act_bits"] == "8" and by[("exact", "4")]["first_last"] == "fp"
+    meta = json.loads(csv_path.with_suffix(".json").read_text())
+    assert {"git_revision", "packages", "seed", "date", "machine"} <= set(meta["metadata"])
+    assert len(meta["rows"]) == len(rows)
+    assert csv_path.with_name("smoke_mults.png").exists()
+    assert csv_path.with_name("smoke_bits.png").exists()
+    # started again: nothing left to do, nothing duplicated
+    sweep.run_sweep(cfg, out_root=tmp_path, progress=False, plots=False)
+    assert len(list(csv.DictReader(open(csv_path)))) == len(rows)
+
+
+@needs_shared
+def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(textwrap.dedent("""
+        # python -m experiments.sweep --config cfg.py
+        from fgq_jax.sweep import SweepConfig
+        def get_config():
+            return SweepConfig(name="resume", model="resnet20",
+                               checkpoint="{shared}/models/cifar-resnet/resnet20-12fca82f.th",
+                               group_sizes=(2, 4, 8, 16, 32, 64), act_bits=(None,), methods=("exact",),
+                               num_calib=32, num_repair=32, test_limit=100, batch_size=100)
+    """))
+    out = tmp_path / "out"
+    csv_path = out / "cifar10_jpeg" / "resnet20" / "resume.csv"
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config", str(config_file), "--out", str(out),
+           "--no-plots"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it as soon as some, but not all, points are written
+        if csv_path.exists() and len(list(csv.DictReader(open(csv_path)))) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = list(csv.DictReader(open(csv_path)))
+    assert 2 <= len(partial) < 7
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = list(csv.DictReader(open(csv_path)))
+    keys = [sweep.point_key(r) for r in rows]
+    assert len(rows) == 7 and len(set(keys)) == 7
+    # the points finished before the kill were kept, not recomputed
+    assert [r["point_seconds"] for r in rows[: len(partial)]] == [r["point_seconds"] for r in partial]
+    assert not [p for p in os.listdir(csv_path.parent) if p.endswith(".tmp")]
