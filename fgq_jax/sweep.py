@@ -36,7 +36,7 @@ COLUMNS = (
     *KEY_COLUMNS, "top1", "top5", "mult_eliminated_pct", "bits_per_weight", "potential_speedup",
     "quantized_mult_eliminated_pct", "model_bits_per_weight", "dataset", "experiment",
     "num_test", "num_calib", "num_repair", "num_fit", "calibration", "seed", "eval_images_per_s",
-    "quant_seconds", "point_seconds",
+    "quant_seconds", "point_seconds", "top1_rounded_multipliers",
 )
 
 
@@ -66,6 +66,9 @@ class SweepConfig:
     num_repair: int = 2048
     num_fit: int = 512
     augment_repair_images: bool = True  # see PTQConfig.augment_repair_images
+    # Also evaluate each ternary point with its group scales rounded to the integer path's int8
+    # multipliers (alpha_g ~ m_g * s_k, fgq_jax.integer): column top1_rounded_multipliers.
+    integer_rounding: bool = False
     calibration: Calibration = Calibration()
     test_split: str = "test"
     test_limit: int | None = None  # smoke tests only: evaluate the first n test images
@@ -268,6 +271,10 @@ def run_sweep(
                 ev = evaluators[q.act_cfg] = Evaluator(spec.module, spec.dataset_family, q.act_cfg)
             r = ev(q.variables, test_x, test_y, q.act_steps, batch_size=cfg.batch_size,
                    progress=_describe(point) if progress else False)
+            if cfg.integer_rounding and q.ternary_params is not None:
+                r_int = ev(rounded_variables(q), test_x, test_y, q.act_steps,
+                           batch_size=cfg.batch_size, progress=False)
+                point = {**point, "top1_rounded_multipliers": r_int.top1}
             row = {
                 **point,
                 "top1": r.top1,
@@ -295,6 +302,21 @@ def run_sweep(
 
         plots_lib.plot_sweep(rows, csv_path.with_suffix(""), title=f"{cfg.model} on {cfg.dataset}")
     return csv_path
+
+
+def rounded_variables(q) -> dict:
+    """q's variables with every ternary kernel's scales rounded to int8 multipliers (repairs kept)."""
+    import jax
+
+    from fgq_jax.integer import rounded_fake_quant
+    from fgq_jax.ternary import TernaryTensor
+
+    is_tt = lambda x: isinstance(x, TernaryTensor)  # noqa: E731
+    params = jax.tree.map(
+        lambda t, v: rounded_fake_quant(t) if is_tt(t) else v,
+        q.ternary_params, q.variables["params"], is_leaf=is_tt,
+    )
+    return {**q.variables, "params": params}
 
 
 def _describe(point) -> str:
