@@ -1,6 +1,6 @@
 # python -m experiments.sweep --config experiments/configs/methods_resnet20.py
 """Every ternary method (and binary) on the published ResNet-20 at N in {4, 64} with 8-bit
-activations, first/last FP; plain, BN re-estimation alone, and all three label-free repairs; each
+activations, first/last FP; plain and with all three label-free repairs; each
 point also with its scales rounded to the integer path's int8 multipliers (top1_rounded_multipliers)."""
 from fgq_jax.sweep import SweepConfig
 
@@ -15,6 +15,6 @@ def get_config() -> SweepConfig:
         act_bits=(8,),
         methods=("exact", "exact+asym", "twn", "absmean", "binary"),
         first_last=("fp",),
-        repairs=((), ("bn_reestimate",), ("bn_reestimate", "bias_correct", "scale_fit")),
+        repairs=((), ("bn_reestimate", "bias_correct", "scale_fit")),
         integer_rounding=True,
     )

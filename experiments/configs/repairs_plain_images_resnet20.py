@@ -1,5 +1,5 @@
 # python -m experiments.sweep --config experiments/configs/repairs_plain_images_resnet20.py
-"""Ablation: the repairs of repairs_resnet20.py with plain (not augmented) unlabeled images, at the
+"""Ablation: the label-free repairs with plain (not augmented) unlabeled images, at the
 issue's target point (N=4, 8-bit activations) and N=64. Shows why the repairs augment their images."""
 from fgq_jax.sweep import SweepConfig
 
