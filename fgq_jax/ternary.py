@@ -29,10 +29,16 @@ the ``k* = argmax_k S_k^2 / k`` largest magnitudes with ``alpha = S_k* / k*``. T
 implementations share this definition (chosen statically by the group length ``n``):
 
 * ``n <= 8``: an unrolled Batcher sorting network (XLA fuses it into one loop);
-* ``n <= 64``: a bitonic sorting network, one fused pass per stage;
-* larger groups: a sort-free exact search over histograms of the float bit patterns (see
-  :func:`_exact_hist`) — XLA's CPU sort is ~100x slower than numpy's, so a multi-million-element
-  per-tensor group must not be sorted.
+* ``n <= 64``: a bitonic sorting network, one fused pass per stage over cache-sized blocks;
+* larger groups: a sort-free search over histograms of the float bit patterns with an optimality
+  certificate (see :func:`_exact_hist`), falling back to a full sort for the rare tensor it cannot
+  certify. XLA's CPU sort is ~70x slower than numpy's, so a multi-million-element per-tensor group
+  must not be sorted.
+Each sorted magnitude list is scanned once for the best cut (:func:`_best_cut_unrolled`).
+
+"Exact" is exact up to float32 rounding of the objective: in a group of thousands of weights two
+cuts can differ by less than float32 resolution (~1e-8 relative in ``S_k^2/k``); either may be
+returned (their squared errors agree to that precision).
 
 Ties: only "ends of tie runs" (``s_k > s_{k+1}``) are candidate cut points, so the codes are always
 the threshold set ``{|w| >= thr}`` and ``alpha`` is exactly its mean magnitude. This loses nothing:
@@ -72,6 +78,7 @@ MethodFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Arra
 # Static size limits of the three "exact" implementations (group length n).
 _UNROLLED_MAX = 8
 _BITONIC_MAX = 64
+_NETWORK_BLOCK = 1 << 17  # elements per lax.map block of the bitonic path (~512 KB, L2-sized)
 
 
 # ==================================================================================================
@@ -205,7 +212,6 @@ def _to_groups(kernel: jax.Array, lay: _Layout) -> tuple[jax.Array, jax.Array]:
 def _from_groups(x: jax.Array, lay: _Layout) -> jax.Array:
     """Inverse of :func:`_to_groups` for an array shaped like the groups (e.g. codes)."""
     if lay.grouping == "kernel":
-        cin, cout = lay.shape[-2:]
         return jnp.moveaxis(x, -1, 0).reshape(lay.shape)
     if lay.group_size is None:
         return x.reshape(lay.shape)
@@ -489,7 +495,17 @@ def _exact_sorted(a: jax.Array, impl: str) -> tuple[jax.Array, jax.Array]:
     if impl == "unrolled":
         thr, alpha = _best_cut_unrolled(_sort_desc_unrolled(x))
     elif impl == "bitonic":
-        thr, alpha = _best_cut_unrolled(_sort_desc_bitonic(x))
+        # The ~20 network stages each make a pass over the data: run them on cache-sized blocks
+        # of groups (lax.map) so that those passes stay in L2 (2-4x faster on a 2-core CPU).
+        lead, (n, m) = x.shape[:-2], x.shape[-2:]
+        x3 = x.reshape((-1, n, m))
+        batch = max(1, _NETWORK_BLOCK // (n * m))
+        if x3.shape[0] > batch:
+            thr, alpha = jax.lax.map(
+                lambda y: _best_cut_unrolled(_sort_desc_bitonic(y)), x3, batch_size=batch)
+        else:
+            thr, alpha = _best_cut_unrolled(_sort_desc_bitonic(x3))
+        thr, alpha = thr.reshape(lead + (m,)), alpha.reshape(lead + (m,))
     else:  # "sort": XLA's generic sort (slow on CPU; fallback only)
         thr, alpha = _best_cut(-jnp.sort(-x, axis=-2))
     return _materialize(thr), alpha
