@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,17 @@ def load_config(path: str):
     return module.get_config()
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled XLA programs under <repo>/.cache/jax: a resumed or extended sweep (and the
+    next experiment on the same model) then skips the per-shape compilations."""
+    import jax
+
+    from fgq_jax.results import REPO_ROOT
+
+    jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", required=True, help="config file (experiments/configs/*.py)")
@@ -40,6 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-workers", type=int, default=1, help="workers sharing the sweep")
     parser.add_argument("--no-plots", action="store_true", help="skip drawing the PNG plots")
     args = parser.parse_args(argv)
+    enable_compilation_cache()
     cfg = load_config(args.config)
     start = time.perf_counter()
     csv_path = sweep_lib.run_sweep(
