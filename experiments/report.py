@@ -1,0 +1,81 @@
+"""Markdown tables of committed sweep / fine-tuning results (what results/README.md shows).
+
+    python -m experiments.report results/cifar10_jpeg/resnet20/sweep_exact.csv [--pivot]
+    python -m experiments.report results/cifar10_jpeg/resnet20/finetune_resnet20_n64.csv
+
+--pivot: one row per (method, N), one top-1 column per (activation bits, repairs) — the compact view
+of a sweep. Without it, the rows as they are, with the most useful columns.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fgq_jax.results import read_csv
+
+SWEEP_COLUMNS = ("method", "group_size", "act_bits", "bn_reestimate", "bias_correct", "scale_fit",
+                 "top1", "top5", "quantized_mult_eliminated_pct", "bits_per_weight",
+                 "potential_speedup", "top1_rounded_multipliers")
+FINETUNE_COLUMNS = ("model", "method", "group_size", "act_bits", "distill", "epochs", "top1_start",
+                    "top1_final", "fp_top1", "overhead_pct", "step_time_ratio")
+
+
+def _fmt(v: str) -> str:
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return f"{f:.2f}" if "." in v else v
+
+
+def table(rows, columns) -> str:
+    columns = [c for c in columns if any(r.get(c) for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _repairs(r) -> str:
+    names = [n for n, k in (("BN", "bn_reestimate"), ("bias", "bias_correct"), ("fit", "scale_fit"))
+             if r.get(k) == "true"]
+    return "+".join(names) or "none"
+
+
+def pivot(rows) -> str:
+    """top-1 per (method, N) x (act bits, repairs)."""
+    cols, keys, cell = [], [], {}
+    for r in rows:
+        col = f"a{r['act_bits']} {_repairs(r)}"
+        key = (r["method"], r["group_size"])
+        cols += [col] if col not in cols else []
+        keys += [key] if key not in keys else []
+        cell[key, col] = _fmt(r["top1"])
+    extra = {k: r for r in rows for k in [(r["method"], r["group_size"])]}
+    head = ["method", "N", "% mults elim. (ternary layers)", "bits/w"] + cols
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in keys:
+        r = extra[key]
+        lines.append("| " + " | ".join(
+            [key[0], key[1], _fmt(r["quantized_mult_eliminated_pct"]), _fmt(r["bits_per_weight"])]
+            + [cell.get((key, c), "") for c in cols]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("csv", help="a results CSV")
+    parser.add_argument("--pivot", action="store_true", help="compact sweep view")
+    args = parser.parse_args(argv)
+    rows = read_csv(args.csv)
+    if not rows:
+        raise SystemExit(f"report: {args.csv!r} is missing or empty")
+    if args.pivot:
+        print(pivot(rows))
+    else:
+        columns = FINETUNE_COLUMNS if "top1_final" in rows[0] else SWEEP_COLUMNS
+        print(table(rows, columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
