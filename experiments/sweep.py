@@ -10,25 +10,20 @@ results/<dataset>/<model>/<experiment>_{mults,bits}.png.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
-from pathlib import Path
 
 from fgq_jax import sweep as sweep_lib
 
 
 def load_config(path: str):
-    """Import a config file and return its get_config() (configs are plain Python files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"sweep: config file {str(path)!r} not found")
-    spec = importlib.util.spec_from_file_location(f"fgq_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise SystemExit(f"sweep: config file {str(path)!r} defines no get_config()")
-    return module.get_config()
+    """get_config() of a config file; a missing or malformed file ends the CLI with its message."""
+    from fgq_jax.configfile import load_get_config
+
+    try:
+        return load_get_config(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"sweep: {e}") from None
 
 
 def enable_compilation_cache() -> None:

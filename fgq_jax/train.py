@@ -221,17 +221,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Train
     ``group_size=None``, ``step_boundaries=(0.3,0.6)``), else taken as strings.
     """
     import ast
-    import importlib.util
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"_fgq_config_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise ValueError(f"{path} defines no get_config()")
-    cfg = mod.get_config()
+    from fgq_jax.configfile import load_get_config
+
+    cfg = load_get_config(path)
     if not isinstance(cfg, TrainConfig):
         d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
         cfg = TrainConfig.from_dict(d)

@@ -1,0 +1,20 @@
+"""Experiment config files: plain Python files defining `get_config()` (big_vision style; the first
+line of each is the command that runs it)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+
+def load_get_config(path: str | os.PathLike):
+    """Import the config file at `path` and return what its `get_config()` returns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_fgq_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config()")
+    return module.get_config()
