@@ -149,6 +149,24 @@ def save_variables(
     return directory
 
 
+def restore_numpy_tree(ckpt_path: Path):
+    """Restore an orbax PyTree checkpoint with numpy leaves; a damaged one is a ValueError.
+
+    Restoring as numpy avoids orbax's sharding guesswork (and its warnings) on a fresh process.
+    """
+    import orbax.checkpoint as ocp
+
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            item_meta = ckptr.metadata(ckpt_path)
+            tree_meta = getattr(item_meta, "item_metadata", item_meta)
+            tree_meta = getattr(tree_meta, "tree", tree_meta)
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
+            return ckptr.restore(ckpt_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise ValueError(f"{ckpt_path}: could not restore the orbax checkpoint: {type(e).__name__}: {e}") from e
+
+
 def load_variables(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[str, Any]]:
     """Load what save_variables wrote: ``(variables, metadata)``.
 
@@ -157,8 +175,6 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[
     Raises FileNotFoundError (no such directory) or ValueError (not a saved-variables directory,
     unreadable metadata or checkpoint).
     """
-    import orbax.checkpoint as ocp
-
     directory = Path(directory).expanduser().absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"no saved variables at {directory} (directory not found)")
@@ -176,16 +192,7 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[
     ckpt_path = directory / VARIABLES_DIR
     if not ckpt_path.is_dir():
         raise ValueError(f"{directory}: {VARIABLES_DIR}/ is missing (incomplete or damaged save)")
-    try:
-        with ocp.PyTreeCheckpointer() as ckptr:
-            item_meta = ckptr.metadata(ckpt_path)
-            tree_meta = getattr(item_meta, "item_metadata", item_meta)
-            tree_meta = getattr(tree_meta, "tree", tree_meta)
-            # Restore as numpy (no sharding guesswork / warnings), then hand back jax arrays.
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
-            restored = ckptr.restore(ckpt_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-    except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        raise ValueError(f"{ckpt_path}: could not restore the orbax checkpoint: {type(e).__name__}: {e}") from e
+    restored = restore_numpy_tree(ckpt_path)
     variables = {k: jax.tree.map(jnp.asarray, dict(v)) for k, v in dict(restored).items()}
     for name in metadata.get("collections", []):
         variables.setdefault(name, {})

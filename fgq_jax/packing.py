@@ -348,7 +348,7 @@ def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
         then put back into its exact tree type (FrozenDict, tuples, dataclasses, ...). Without it the
         result is built from nested dicts (lists for sequences).
     """
-    import orbax.checkpoint as ocp
+    from fgq_jax.checkpoint import restore_numpy_tree
 
     path = Path(path).expanduser().absolute()
     meta = _read_meta(path)
@@ -357,15 +357,7 @@ def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
         ckpt = path / ARRAYS_DIR
         if not ckpt.is_dir():
             raise ValueError(f"{path}: {ARRAYS_DIR}/ is missing (incomplete or damaged export)")
-        try:
-            with ocp.PyTreeCheckpointer() as ckptr:
-                tree_meta = ckptr.metadata(ckpt)
-                tree_meta = getattr(tree_meta, "item_metadata", tree_meta)
-                tree_meta = getattr(tree_meta, "tree", tree_meta)
-                args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
-                restored = ckptr.restore(ckpt, args=ocp.args.PyTreeRestore(restore_args=args))
-        except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            raise ValueError(f"{ckpt}: could not restore the orbax checkpoint: {type(e).__name__}: {e}") from e
+        restored = restore_numpy_tree(ckpt)
 
     entries = []
     for e in meta["leaves"]:
