@@ -45,6 +45,19 @@ def _set(tree: Mapping[str, Any], path: str, value) -> dict:
     return out
 
 
+def _apply_quantized(module, v, x, act_cfg, act_steps, interceptor, *, train=False, captured=None):
+    """module.apply(v, x) with activation quantization and `interceptor` inside it (so `interceptor`
+    sees every layer call); train=True runs with batch statistics. Traced inside the jitted helpers."""
+
+    def run():
+        with nn.intercept_methods(interceptor):
+            if train:
+                return module.apply(v, x, train=True, mutable=["batch_stats"])
+            return module.apply(v, x, train=False)
+
+    return _intercepting(run, act_cfg, act_steps, captured)
+
+
 # --------------------------------------------------------------------------------------------------
 # BatchNorm re-estimation
 
@@ -61,11 +74,7 @@ def _bn_moments(module, act_cfg, v, act_steps, x):
             moments[layer_path(context.module)] = (jnp.mean(h, axes), jnp.var(h, axes))
         return next_fun(*args, **kwargs)
 
-    def run():
-        with nn.intercept_methods(interceptor):
-            return module.apply(v, x, train=True, mutable=["batch_stats"])
-
-    _intercepting(run, act_cfg, act_steps)
+    _apply_quantized(module, v, x, act_cfg, act_steps, interceptor, train=True)
     return moments
 
 
@@ -148,11 +157,7 @@ def _output_shifts(module, act_cfg, v, diffs, act_steps, x):
                 shifts[path] = jnp.mean(d.reshape(-1, d.shape[-1]), 0)
         return next_fun(*args, **kwargs)
 
-    def run():
-        with nn.intercept_methods(interceptor):
-            return module.apply(v, x, train=False)
-
-    _intercepting(run, act_cfg, act_steps)
+    _apply_quantized(module, v, x, act_cfg, act_steps, interceptor)
     return shifts
 
 
@@ -311,11 +316,7 @@ def _layer_moments(module, act_cfg, path, v_q, v_fp, act_steps, x):
             mods[layer_path(context.module)] = context.module
         return next_fun(*args, **kwargs)
 
-    def run_q():
-        with nn.intercept_methods(remember):
-            return module.apply(v_q, x, train=False)
-
-    _intercepting(run_q, act_cfg, act_steps, captured_q)
+    _apply_quantized(module, v_q, x, act_cfg, act_steps, remember, captured=captured_q)
     _intercepting(lambda: module.apply(v_fp, x, train=False), ActConfig(), None, captured_fp)
     pq = _patches(mods[path], captured_q[path])
     pf = _patches(mods[path], captured_fp[path])
