@@ -167,6 +167,32 @@ def restore_numpy_tree(ckpt_path: Path):
         raise ValueError(f"{ckpt_path}: could not restore the orbax checkpoint: {type(e).__name__}: {e}") from e
 
 
+def read_format_metadata(
+    directory: Path, filename: str, fmt: str, version: int, *, what: str, writer: str
+) -> dict[str, Any]:
+    """The JSON metadata `directory/filename` of a saved directory, checked to be `fmt` at a format
+    version this code can read (<= `version`). `what` names the kind of directory and `writer` the
+    function that writes it, for the error messages.
+
+    Raises FileNotFoundError (no such directory) or ValueError (metadata missing, unreadable, of
+    another format or of a newer version).
+    """
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no {what} at {directory} (directory not found)")
+    meta_path = directory / filename
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{directory} is not a {what} directory: {filename} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path}: unreadable metadata: {e}") from e
+    if not isinstance(metadata, dict) or metadata.get("format") != fmt:
+        raise ValueError(f"{meta_path}: not written by {writer} (format != {fmt!r})")
+    if metadata.get("format_version", 0) > version:
+        raise ValueError(f"{meta_path}: format version {metadata['format_version']} is newer than this code")
+    return metadata
+
+
 def load_variables(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[str, Any]]:
     """Load what save_variables wrote: ``(variables, metadata)``.
 
@@ -176,19 +202,10 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[
     unreadable metadata or checkpoint).
     """
     directory = Path(directory).expanduser().absolute()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no saved variables at {directory} (directory not found)")
-    meta_path = directory / METADATA_FILE
-    try:
-        metadata = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{directory} is not a saved-variables directory: {METADATA_FILE} is missing") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{meta_path}: unreadable metadata: {e}") from e
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: not written by fgq_jax.checkpoint.save_variables (format != {FORMAT!r})")
-    if metadata.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format version {metadata['format_version']} is newer than this code")
+    metadata = read_format_metadata(
+        directory, METADATA_FILE, FORMAT, FORMAT_VERSION,
+        what="saved variables", writer="fgq_jax.checkpoint.save_variables",
+    )
     ckpt_path = directory / VARIABLES_DIR
     if not ckpt_path.is_dir():
         raise ValueError(f"{directory}: {VARIABLES_DIR}/ is missing (incomplete or damaged save)")

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgq_jax import checkpoint
+
 __all__ = [
     "pack_codes",
     "unpack_codes",
@@ -299,7 +301,7 @@ def save_ternary(path: str | os.PathLike, tree: Any, scale_dtype: str = "float16
         "scale_dtype": scale_dtype,
         "leaves": leaves_meta,
     }
-    meta_text = json.dumps(meta, indent=1)
+    meta_text = json.dumps(meta, separators=(",", ":"))  # compact: it counts in the export size
 
     created = _check_target(path)
     tmp = None
@@ -322,19 +324,10 @@ def save_ternary(path: str | os.PathLike, tree: Any, scale_dtype: str = "float16
 
 
 def _read_meta(path: Path) -> dict:
-    if not path.is_dir():
-        raise FileNotFoundError(f"no ternary export at {path} (directory not found)")
-    try:
-        meta = json.loads((path / META_FILE).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path} is not a ternary export: {META_FILE} is missing") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path / META_FILE}: unreadable metadata: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not written by fgq_jax.packing.save_ternary")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {meta['format_version']} is newer than this code")
-    return meta
+    return checkpoint.read_format_metadata(
+        path, META_FILE, FORMAT, FORMAT_VERSION,
+        what="ternary export", writer="fgq_jax.packing.save_ternary",
+    )
 
 
 def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
@@ -348,8 +341,6 @@ def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
         then put back into its exact tree type (FrozenDict, tuples, dataclasses, ...). Without it the
         result is built from nested dicts (lists for sequences).
     """
-    from fgq_jax.checkpoint import restore_numpy_tree
-
     path = Path(path).expanduser().absolute()
     meta = _read_meta(path)
     restored: dict = {}
@@ -357,7 +348,7 @@ def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
         ckpt = path / ARRAYS_DIR
         if not ckpt.is_dir():
             raise ValueError(f"{path}: {ARRAYS_DIR}/ is missing (incomplete or damaged export)")
-        restored = restore_numpy_tree(ckpt)
+        restored = checkpoint.restore_numpy_tree(ckpt)
 
     entries = []
     for e in meta["leaves"]:

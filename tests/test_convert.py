@@ -350,61 +350,6 @@ def test_save_load_round_trip(cifar_sd, tmp_path):
     np.testing.assert_array_equal(m.apply(loaded, x), m.apply(variables, x))
 
 
-def test_round_trip_empty_collection(tmp_path):
-    variables = {
-        "params": {"fc8": {"kernel": np.ones((3, 2), np.float32), "bias": np.zeros(2, np.float32)}},
-        "batch_stats": {},
-    }
-    loaded, _ = load_variables(save_variables(tmp_path / "v", variables, {"model": "toy"}))
-    assert loaded["batch_stats"] == {}
-    _assert_trees_equal(loaded["params"], variables["params"])
-
-
-def test_save_refuses_existing_dir(tmp_path):
-    v1 = {"params": {"w": np.zeros(2, np.float32)}}
-    v2 = {"params": {"w": np.ones(2, np.float32)}}
-    d = save_variables(tmp_path / "out", v1, {})
-    with pytest.raises(FileExistsError, match="overwrite"):
-        save_variables(d, v2, {})
-    np.testing.assert_array_equal(load_variables(d)[0]["params"]["w"], 0.0)  # untouched
-    save_variables(d, v2, {}, overwrite=True)
-    np.testing.assert_array_equal(load_variables(d)[0]["params"]["w"], 1.0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
-
-
-def test_save_never_replaces_foreign_dir(tmp_path):
-    d = tmp_path / "home"
-    d.mkdir()
-    (d / "thesis.tex").write_text("precious")
-    with pytest.raises(FileExistsError, match="not a saved-variables directory"):
-        save_variables(d, {"params": {"w": np.zeros(2, np.float32)}}, {}, overwrite=True)
-    assert (d / "thesis.tex").read_text() == "precious"
-
-
-def test_save_rejects_bad_metadata_atomically(tmp_path):
-    with pytest.raises(ValueError, match="JSON"):
-        save_variables(tmp_path / "out", {"params": {"w": np.zeros(2, np.float32)}}, {"bad": object()})
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing_here"):
-        load_variables(tmp_path / "nothing_here")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="metadata.json is missing"):
-        load_variables(tmp_path / "empty")
-    (tmp_path / "badjson").mkdir()
-    (tmp_path / "badjson" / "metadata.json").write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable metadata"):
-        load_variables(tmp_path / "badjson")
-    d = save_variables(tmp_path / "ok", {"params": {"w": np.zeros(2, np.float32)}}, {})
-    import shutil
-
-    shutil.rmtree(d / "variables")
-    with pytest.raises(ValueError, match="variables/ is missing"):
-        load_variables(d)
-
-
 # --- CLI ---------------------------------------------------------------------------------------------
 
 
