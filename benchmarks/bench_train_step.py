@@ -130,10 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    res = run(args)
-    common.emit(res, args.out)
-    return res
+    return common.cli_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -281,6 +281,14 @@ def emit(res: Mapping[str, Any], out_dir) -> None:
         print(f"wrote {p}")
 
 
+def cli_main(build_parser: Callable, run: Callable, argv=None) -> dict:
+    """The benchmark CLIs' main(): parse `argv`, `run(args)`, print and write the result (--out)."""
+    args = build_parser().parse_args(argv)
+    res = run(args)
+    emit(res, args.out)
+    return res
+
+
 def add_common_args(ap) -> None:
     ap.add_argument("--out", default=None, help="directory for <name>.json / <name>.md")
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (a smoke run)")
