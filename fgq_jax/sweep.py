@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -203,7 +203,7 @@ def _shared_dir() -> str:
     return str(default_shared_dir())
 
 
-def _sample_images(cfg: SweepConfig):
+def sample_images(cfg: SweepConfig):
     """Unlabeled training images for calibration (first num_calib) and repairs (num_repair)."""
     from fgq_jax.data import load_arrays
 
@@ -257,7 +257,7 @@ def run_sweep(
     if todo:
         spec, variables_fp = load_model(cfg)
         test_x, test_y = load_arrays(cfg.dataset, cfg.test_split, limit=cfg.test_limit)
-        calib, repair = _sample_images(cfg)
+        calib, repair = sample_images(cfg)
         evaluators = {} if evaluators is None else evaluators
         bar = tqdm(todo, desc=cfg.name, unit="point", disable=not progress)
         for point in bar:
