@@ -627,8 +627,8 @@ def test_imagenet_preprocess_against_pil_numpy_reference():
     out = data.imagenet_preprocess(smooth)
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
     resized = np.asarray(Image.fromarray(smooth).resize((341, 256), Image.BILINEAR))
-    t, l = int(round((256 - 224) / 2.0)), int(round((341 - 224) / 2.0))
-    np.testing.assert_array_equal(out, resized[t : t + 224, l : l + 224])
+    top, left = int(round((256 - 224) / 2.0)), int(round((341 - 224) / 2.0))
+    np.testing.assert_array_equal(out, resized[top : top + 224, left : left + 224])
     # The TF backend agrees closely on smooth content.
     out_tf = data.imagenet_preprocess(smooth, backend="tf")
     assert out_tf.shape == (224, 224, 3)

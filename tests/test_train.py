@@ -22,7 +22,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fgq_jax import train as T
@@ -179,7 +178,7 @@ def test_load_config_configdict_and_overrides(tmp_path):
     for cfg in sorted((REPO / "experiments" / "configs").glob("finetune_*.py")):
         c = T.load_config(cfg)  # every shipped config loads, validates and names its command
         T.validate_config(c)
-        assert cfg.read_text().startswith(f"# python -m experiments.finetune --config experiments/configs/")
+        assert cfg.read_text().startswith("# python -m experiments.finetune --config experiments/configs/")
 
 
 def test_schedules():

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from fgq_jax.data import cifar10_jpeg as _c10j
-from fgq_jax.data.errors import CorruptDataError, DataNotFoundError
+from fgq_jax.data.errors import DataNotFoundError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
