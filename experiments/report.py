@@ -41,20 +41,35 @@ def _repairs(r) -> str:
     return "+".join(names) or "none"
 
 
+def _size_rank(n: str):
+    """Group sizes in reading order: fp, 1, 2, 4, ..., then per-channel and per-tensor."""
+    if n.isdigit():
+        return (1, int(n))
+    return ({"fp": 0, "channel": 2, "tensor": 3}.get(n, 4), n)
+
+
+def _act_rank(bits: str):
+    """Activation columns in reading order: fp first, then 8, 4, 2 bits."""
+    return (0, 0) if bits == "fp" else (1, -int(bits)) if bits.isdigit() else (2, bits)
+
+
 def pivot(rows) -> str:
-    """top-1 per (method, N) x (act bits, repairs)."""
-    cols, keys, cell = [], [], {}
+    """top-1 per (method, N) x (act bits, repairs), rows and columns sorted for reading (a resumed
+    or extended sweep appends its rows in completion order)."""
+    cols, keys, cell = {}, {}, {}
     for r in rows:
         col = f"a{r['act_bits']} {_repairs(r)}"
         key = (r["method"], r["group_size"])
-        cols += [col] if col not in cols else []
-        keys += [key] if key not in keys else []
+        repairs = sum(r.get(k) == "true" for k in ("bn_reestimate", "bias_correct", "scale_fit"))
+        cols.setdefault(col, (_act_rank(r["act_bits"]), repairs, len(cols)))
+        keys.setdefault(key, r)
         cell[key, col] = _fmt(r["top1"])
-    extra = {k: r for r in rows for k in [(r["method"], r["group_size"])]}
+    methods = list(dict.fromkeys(m for m, _ in keys))
+    cols = sorted(cols, key=cols.get)
     head = ["method", "N", "% mults elim. (ternary layers)", "bits/w"] + cols
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in keys:
-        r = extra[key]
+    for key in sorted(keys, key=lambda k: (k[0] != "fp", methods.index(k[0]), _size_rank(k[1]))):
+        r = keys[key]
         lines.append("| " + " | ".join(
             [key[0], key[1], _fmt(r["quantized_mult_eliminated_pct"]), _fmt(r["bits_per_weight"])]
             + [cell.get((key, c), "") for c in cols]) + " |")
