@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fgq_jax.results import read_csv
+from fgq_jax.results import act_bits_order, read_csv
 
 SWEEP_COLUMNS = ("method", "group_size", "act_bits", "bn_reestimate", "bias_correct", "scale_fit",
                  "top1", "top5", "quantized_mult_eliminated_pct", "bits_per_weight",
@@ -48,11 +48,6 @@ def _size_rank(n: str):
     return ({"fp": 0, "channel": 2, "tensor": 3}.get(n, 4), n)
 
 
-def _act_rank(bits: str):
-    """Activation columns in reading order: fp first, then 8, 4, 2 bits."""
-    return (0, 0) if bits == "fp" else (1, -int(bits)) if bits.isdigit() else (2, bits)
-
-
 def pivot(rows) -> str:
     """top-1 per (method, N) x (act bits, repairs), rows and columns sorted for reading (a resumed
     or extended sweep appends its rows in completion order)."""
@@ -61,7 +56,7 @@ def pivot(rows) -> str:
         col = f"a{r['act_bits']} {_repairs(r)}"
         key = (r["method"], r["group_size"])
         repairs = sum(r.get(k) == "true" for k in ("bn_reestimate", "bias_correct", "scale_fit"))
-        cols.setdefault(col, (_act_rank(r["act_bits"]), repairs, len(cols)))
+        cols.setdefault(col, (act_bits_order(r["act_bits"]), repairs, len(cols)))
         keys.setdefault(key, r)
         cell[key, col] = _fmt(r["top1"])
     methods = list(dict.fromkeys(m for m, _ in keys))

@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on batch machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fgq_jax.results import act_bits_order  # noqa: E402
+
 ACT_STYLE = {"fp": ("tab:blue", "FP activations"), "8": ("tab:orange", "8-bit activations"),
              "4": ("tab:green", "4-bit activations"), "2": ("tab:red", "2-bit activations")}
 
@@ -47,7 +49,8 @@ def plot_sweep(rows, out_base: Path, title: str = "") -> list[Path]:
                 ax.axhline(float(r["top1"]), color=color, lw=0.8, ls=":")
         styles = ["-", "--", "-.", (0, (1, 1)), (0, (5, 1))]
         variants = sorted({k[1:] for k in _curves(rows)})
-        for (act, method, fl, rep), pts in sorted(_curves(rows).items()):
+        curves = sorted(_curves(rows).items(), key=lambda kv: (act_bits_order(kv[0][0]), kv[0][1:]))
+        for (act, method, fl, rep), pts in curves:
             pts = sorted(pts, key=lambda r: float(r[xcol]))
             color, act_label = ACT_STYLE.get(act, ("gray", f"{act}-bit"))
             ls = styles[variants.index((method, fl, rep)) % len(styles)]

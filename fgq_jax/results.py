@@ -75,6 +75,13 @@ def read_csv(path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def act_bits_order(bits: str) -> tuple:
+    """Sort key of an act_bits CSV value in reading order: "fp" first, then 8, 4, 2 bits."""
+    if bits == "fp":
+        return (0, 0)
+    return (1, -int(bits)) if bits.isdigit() else (2, bits)
+
+
 def write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
 
