@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ COLUMNS = (
     *KEY_COLUMNS, "top1", "top5", "mult_eliminated_pct", "bits_per_weight", "potential_speedup",
     "quantized_mult_eliminated_pct", "model_bits_per_weight", "dataset", "experiment",
     "num_test", "num_calib", "num_repair", "num_fit", "calibration", "seed", "eval_images_per_s",
-    "quant_seconds", "point_seconds", "top1_rounded_multipliers",
+    "quant_seconds", "point_seconds", "top1_rounded_multipliers", "git_revision", "date",
 )
 
 
@@ -218,6 +219,21 @@ def sample_images(cfg: SweepConfig):
     return sample[: cfg.num_calib], sample[: cfg.num_repair]
 
 
+def _previous_runs(json_path: Path) -> list[dict]:
+    """Metadata of the runs recorded in an existing results JSON (a file from before the "runs"
+    list holds only its last run's "metadata"); [] when there is none or it is unreadable."""
+    try:
+        old = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    runs = old.get("runs")
+    if isinstance(runs, list):
+        return runs
+    return [old["metadata"]] if isinstance(old.get("metadata"), dict) else []
+
+
 def results_paths(cfg: SweepConfig, out_root=None) -> tuple[Path, Path]:
     root = Path(out_root) if out_root else results.REPO_ROOT / "results"
     base = root / cfg.dataset / cfg.model / cfg.name
@@ -254,6 +270,7 @@ def run_sweep(
     meta = results.run_metadata(
         seed=cfg.seed, experiment=dataclasses.asdict(cfg), config_file=config_file
     )
+    runs = None  # metadata of every run that wrote rows to this CSV, this one last
     if todo:
         spec, variables_fp = load_model(cfg)
         test_x, test_y = load_arrays(cfg.dataset, cfg.test_split, limit=cfg.test_limit)
@@ -291,12 +308,17 @@ def run_sweep(
                 "eval_images_per_s": r.images_per_s,
                 "quant_seconds": quant_seconds,
                 "point_seconds": time.perf_counter() - t0,
+                # which run made this row: a resumed or extended sweep mixes runs (see "runs")
+                "git_revision": meta["git_revision"],
+                "date": meta["date"],
             }
             rows = append_rows_locked(csv_path, [row], KEY_COLUMNS, COLUMNS)
-            results.write_json(json_path, {"metadata": meta, "rows": rows})
+            if runs is None:
+                runs = _previous_runs(json_path) + [meta]
+            results.write_json(json_path, {"metadata": meta, "runs": runs, "rows": rows})
     rows = results.read_csv(csv_path)
     if rows and not json_path.exists():
-        results.write_json(json_path, {"metadata": meta, "rows": rows})
+        results.write_json(json_path, {"metadata": meta, "runs": [meta], "rows": rows})
     if plots and rows:
         from fgq_jax import plots as plots_lib
 

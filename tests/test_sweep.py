@@ -77,7 +77,9 @@ def test_sweep_compiles_once_per_activation_setting_and_writes_outputs(tmp_path)
     assert by[("fp", "fp")]["act_bits"] == "8" and by[("exact", "4")]["first_last"] == "fp"
     meta = json.loads(csv_path.with_suffix(".json").read_text())
     assert {"git_revision", "packages", "seed", "date", "machine"} <= set(meta["metadata"])
-    assert len(meta["rows"]) == len(rows)
+    assert meta["runs"] == [meta["metadata"]] and len(meta["rows"]) == len(rows)
+    assert {(r["git_revision"], r["date"]) for r in rows} == {
+        (meta["metadata"]["git_revision"], meta["metadata"]["date"])}
     assert csv_path.with_name("smoke_mults.png").exists()
     assert csv_path.with_name("smoke_bits.png").exists()
     # started again: nothing left to do, nothing duplicated
@@ -117,4 +119,21 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
     assert len(rows) == 7 and len(set(keys)) == 7
     # the points finished before the kill were kept, not recomputed
     assert [r["point_seconds"] for r in rows[: len(partial)]] == [r["point_seconds"] for r in partial]
+    # the JSON records both runs, and every row the run that made it
+    runs = json.loads(csv_path.with_suffix(".json").read_text())["runs"]
+    assert len(runs) == 2 and all(r["git_revision"] for r in rows)
+    assert {r["date"] for r in rows[: len(partial)]} == {runs[0]["date"]}
+    assert {r["date"] for r in rows[len(partial):]} == {runs[1]["date"]}
     assert not [p for p in os.listdir(csv_path.parent) if p.endswith(".tmp")]
+
+
+def test_previous_runs_of_results_json(tmp_path):
+    path = tmp_path / "r.json"
+    assert sweep._previous_runs(path) == []  # no file yet
+    path.write_text(json.dumps({"metadata": {"git_revision": "a"}, "rows": []}))  # before "runs"
+    assert sweep._previous_runs(path) == [{"git_revision": "a"}]
+    path.write_text(json.dumps({"metadata": {"git_revision": "b"}, "runs": [{"git_revision": "a"},
+                                                                         {"git_revision": "b"}]}))
+    assert [r["git_revision"] for r in sweep._previous_runs(path)] == ["a", "b"]
+    path.write_text("{truncated")
+    assert sweep._previous_runs(path) == []
