@@ -2,6 +2,7 @@
 line of each is the command that runs it)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from pathlib import Path
@@ -18,3 +19,10 @@ def load_get_config(path: str | os.PathLike):
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} defines no get_config()")
     return module.get_config()
+
+
+def derived_config(base: str | os.PathLike, **changes):
+    """The config of the file `base` with some fields changed: a variant config file is one line,
+    ``return derived_config(Path(__file__).with_name("base.py"), epochs=3)``. The base's
+    `get_config()` must return a dataclass."""
+    return dataclasses.replace(load_get_config(base), **changes)

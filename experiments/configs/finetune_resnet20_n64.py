@@ -6,8 +6,6 @@
 # (0.55 % of the original 182 x 50,000-image schedule; sized for 2 CPU cores; --set epochs=3 for
 # the issue's full budget). fp_top1 comes from
 # finetune_resnet20_fp.py (run it first for that column). Resume an interrupted run with --resume.
-import dataclasses
-
 from fgq_jax.train import TrainConfig
 
 
@@ -38,8 +36,3 @@ def get_config() -> TrainConfig:
         seed=0,
         fp_reference="resnet20_fp",
     )
-
-
-def variant(**changes) -> TrainConfig:
-    """This recipe with some fields changed (used by the N=4 and distillation configs)."""
-    return dataclasses.replace(get_config(), **changes)
