@@ -56,7 +56,7 @@ from fgq_jax import results
 from fgq_jax.data import load_arrays, normalize
 from fgq_jax.evaluate import ActConfig, Evaluator
 from fgq_jax.ptq import PTQConfig, quantize_model
-from fgq_jax.sweep import SweepConfig, _sample_images, accounting_columns, load_model
+from fgq_jax.sweep import SweepConfig, sample_images, accounting_columns, load_model
 
 DEFAULT_CHECKPOINT = "{shared}/models/cifar-resnet/resnet20-12fca82f.th"
 ALL_REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit")
@@ -356,7 +356,7 @@ def run_comparison(cfg: CompareConfig, *, log=print) -> list[dict[str, Any]]:
     test_x, test_y = load_arrays(cfg.dataset, "test")
     idx = _subset(test_x.shape[0], cfg.test_subset)
     test_x, test_y = test_x[idx], test_y[idx]
-    calib, repair = _sample_images(scfg)
+    calib, repair = sample_images(scfg)
     from fgq_jax.accounting import layer_shapes
 
     layers = layer_shapes(spec.module, variables_fp, spec.input_shape, train=False)
