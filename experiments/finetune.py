@@ -90,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-results", action="store_true", help="do not write the results csv/json/png")
     args = ap.parse_args(argv)
 
+    from fgq_jax import results
     from fgq_jax import train as T
 
     cfg = T.load_config(args.config, args.overrides)
     T.validate_config(cfg)  # bad optimizer / schedule / lr: fail before loading anything
+    command = "python -m experiments.finetune " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    # taken now: the code that runs is the code of this revision, whatever is committed meanwhile
+    meta = results.run_metadata(seed=cfg.seed, command=command)
     workdir = Path(args.workdir) if args.workdir else REPO_ROOT / "runs" / f"finetune_{cfg.name}"
     spec = resolve_spec(cfg.model, cfg.num_classes)
     (train, test) = load_data(cfg, spec)
@@ -118,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = Path(args.results_dir or cfg.results_dir)
         if not results_dir.is_absolute():
             results_dir = REPO_ROOT / results_dir
-        command = "python -m experiments.finetune " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        paths = T.write_results(summary, results_dir, command=command)
+        paths = T.write_results(summary, results_dir, meta=meta)
         print(f"[finetune] wrote {paths['csv']}, {paths['json'].name}, {paths['png'].name}")
     return 0
 

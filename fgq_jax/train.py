@@ -1312,7 +1312,13 @@ def _results_paths(results_dir, dataset: str, model: str, name: str) -> dict[str
     return {ext: base.with_suffix("." + ext) for ext in ("csv", "json", "png")}
 
 
-def write_results(summary: Mapping[str, Any], results_dir: str | os.PathLike = "results", *, command: str | None = None) -> dict[str, Path]:
+def write_results(
+    summary: Mapping[str, Any],
+    results_dir: str | os.PathLike = "results",
+    *,
+    command: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
     """Write ``<results_dir>/<dataset>/<model>/finetune_<name>.{csv,json,png}`` atomically.
 
     csv: one row per finished run (a rerun with the same seed replaces its row; other seeds are
@@ -1320,6 +1326,8 @@ def write_results(summary: Mapping[str, Any], results_dir: str | os.PathLike = "
     ``config.fp_reference`` (read from its JSON), or this run's own when it is the FP run; empty when
     unknown. json: the runs with their metadata (git rev, versions, seed, date, machine, config,
     per-epoch history, step timings). png: test top-1 per epoch with the FP reference line(s).
+    meta: the run's metadata (``results.run_metadata``) taken when it started, so that the git
+    revision is that of the code that ran; None takes it now.
     """
     from fgq_jax import results as results_lib
 
@@ -1343,7 +1351,7 @@ def write_results(summary: Mapping[str, Any], results_dir: str | os.PathLike = "
     row.update(fp_top1=fp_top1, seed=cfg["seed"], optimizer=cfg["optimizer"], lr=cfg["lr"], schedule=cfg["schedule"])
     record = {k: v for k, v in summary.items() if not k.startswith("_")}
     record.update(fp_top1=fp_top1, fp_top1_source=fp_note, row=row)
-    record["meta"] = results_lib.run_metadata(seed=cfg["seed"], command=command)
+    record["meta"] = dict(meta) if meta is not None else results_lib.run_metadata(seed=cfg["seed"], command=command)
     runs = []
     if paths["json"].is_file():
         try:

@@ -369,7 +369,7 @@ def test_data_order_and_augmentation_are_deterministic():
 # CLI and results files
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_cli_end_to_end_writes_results(tmp_path, fp_run):
+def test_cli_end_to_end_writes_results(tmp_path, fp_run, monkeypatch):
     from fgq_jax.checkpoint import save_variables
 
     from experiments import finetune
@@ -391,7 +391,15 @@ def test_cli_end_to_end_writes_results(tmp_path, fp_run):
     res_dir = tmp_path / "results"
     common = ["--config", str(cfg_file), "--results-dir", str(res_dir)]
     T.write_results(fp_run, res_dir)  # the FP reference run, as the FP config's CLI would write it
+    # the run's metadata (git revision) is taken before training, not when the results are written
+    from fgq_jax import results
+
+    calls, real_meta, real_fit = [], results.run_metadata, T.fit
+    monkeypatch.setattr(results, "run_metadata", lambda *a, **k: (calls.append("meta"), real_meta(*a, **k))[1])
+    monkeypatch.setattr(T, "fit", lambda *a, **k: (calls.append("fit"), real_fit(*a, **k))[1])
     assert finetune.main([*common, "--workdir", str(tmp_path / "q")]) == 0
+    assert calls == ["meta", "fit"]
+    monkeypatch.undo()
     out = res_dir / "synthetic" / "tiny"
     rows = list(csv.DictReader(open(out / "finetune_tiny_q.csv")))
     assert len(rows) == 1
