@@ -3,8 +3,8 @@
 # ResNet-20, exact FGQ ternary weights with groups of N=64 (about 98 % of the multiplications of the
 # quantized layers eliminated), 8-bit activations at the inputs of the ternary layers, first conv and
 # last dense in FP; STE fine-tuning from the published weights on CIFAR-10-JPEG train for 1 epoch
-# (0.55 % of the original 182 x 50,000-image schedule; sized for 2 CPU cores; --set epochs=3 for
-# the full budget). fp_top1 comes from
+# (0.55 % of the original 182 x 50,000-image schedule; finetune_resnet20_n64_3ep.py runs the
+# issue's full budget of 3 epochs). fp_top1 comes from
 # finetune_resnet20_fp.py (run it first for that column). Resume an interrupted run with --resume.
 from fgq_jax.train import TrainConfig
 
