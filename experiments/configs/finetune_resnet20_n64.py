@@ -6,15 +6,17 @@
 # (0.55 % of the original 182 x 50,000-image schedule; finetune_resnet20_n64_3ep.py runs the
 # issue's full budget of 3 epochs). fp_top1 comes from
 # finetune_resnet20_fp.py (run it first for that column). Resume an interrupted run with --resume.
-from fgq_jax.train import TrainConfig
+# The training recipe (optimizer, schedule, epochs, batch, seed) is finetune_resnet20_fp.py's, so the
+# FP reference and the quantized runs cannot drift apart.
+from pathlib import Path
+
+from fgq_jax.configfile import derived_config
 
 
-def get_config() -> TrainConfig:
-    return TrainConfig(
+def get_config():
+    return derived_config(
+        Path(__file__).with_name("finetune_resnet20_fp.py"),
         name="resnet20_n64",
-        model="resnet20",
-        dataset="cifar10_jpeg",
-        init_checkpoint="{shared}/models/cifar-resnet/resnet20-12fca82f.th",
         quantize=True,
         method="exact",
         group_size=64,
@@ -24,15 +26,5 @@ def get_config() -> TrainConfig:
         calib_images=256,
         bn_reestimate=True,
         bn_images=1024,
-        optimizer="sgd",
-        lr=0.01,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=1e-4,
-        schedule="cosine",
-        warmup_epochs=0.1,
-        epochs=1,
-        batch_size=128,
-        seed=0,
         fp_reference="resnet20_fp",
     )

@@ -2,7 +2,7 @@
 """Default experiment: published ResNet-20 on CIFAR-10-JPEG, exact FGQ over the whole N grid with
 FP / 8 / 4-bit activations, first and last layer in full precision, without and with the cheap label-free
 repairs (BN re-estimation on augmented unlabeled training images + bias correction). Scale fitting,
-the costlier third repair, has its own experiment: repairs_resnet20.py."""
+the costlier third repair, is in methods_resnet20.py. sweep_resnet56.py runs this grid on ResNet-56."""
 from fgq_jax.sweep import SweepConfig
 
 
