@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,31 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgq_jax.results import git_revision
+
 FORMAT = "fgq-jax-variables"
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
-
-
-def git_revision(path: str | os.PathLike | None = None) -> str | None:
-    """``git rev-parse HEAD`` of the repository holding ``path`` (default: this package), with a
-    ``-dirty`` suffix when tracked files are modified; None outside a git checkout."""
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + ("-dirty" if dirty else "")
 
 
 def library_versions() -> dict[str, str]:

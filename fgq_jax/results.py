@@ -86,19 +86,21 @@ def write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
 
 
-def git_revision() -> str:
-    """`git describe`-like revision of the code that produced a result (+'-dirty' if modified)."""
+def git_revision(path: str | os.PathLike | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the repository holding ``path`` (default: this repository), with a
+    ``-dirty`` suffix when tracked files are modified; None outside a git checkout."""
+    cwd = Path(path) if path is not None else REPO_ROOT
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
         ).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
 
 
 def package_versions() -> dict[str, str]:
@@ -116,7 +118,7 @@ def run_metadata(seed: int | None = None, **extra) -> dict[str, Any]:
     import jax
 
     return {
-        "git_revision": git_revision(),
+        "git_revision": git_revision() or "unknown",
         "packages": package_versions(),
         "python": platform.python_version(),
         "seed": seed,
