@@ -61,6 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fgq_jax.transforms import path_to_str
+
 __all__ = [
     "IntegerWeights",
     "group_ids",
@@ -308,14 +310,6 @@ def _is_ternary(x) -> bool:
     )
 
 
-def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        parts.append(str(key))
-    return "/".join(parts)
-
-
 def fold_params(params: Any) -> dict[str, IntegerWeights]:
     """Fold every TernaryTensor leaf of a params tree (``quantize_params(..., mode="ternary")``).
 
@@ -326,7 +320,7 @@ def fold_params(params: Any) -> dict[str, IntegerWeights]:
     out = {}
     for path, leaf in flat:
         if _is_ternary(leaf):
-            p = _path_str(path)
+            p = path_to_str(path)
             out[p[: -len("/kernel")] if p.endswith("/kernel") else p] = fold_ternary(leaf)
     return out
 
