@@ -38,6 +38,8 @@ def plot_sweep(rows, out_base: Path, title: str = "") -> list[Path]:
     """
     out_base = Path(out_base)
     paths = []
+    curves = sorted(_curves(rows).items(), key=lambda kv: (act_bits_order(kv[0][0]), kv[0][1:]))
+    variants = sorted({key[1:] for key, _ in curves})
     for xcol, xlabel, suffix in (
         ("mult_eliminated_pct", "multiplications eliminated (% of network MACs)", "mults"),
         ("bits_per_weight", "bits per weight of the ternarized layers (incl. fp16 scales)", "bits"),
@@ -48,8 +50,6 @@ def plot_sweep(rows, out_base: Path, title: str = "") -> list[Path]:
                 color = ACT_STYLE.get(r["act_bits"], ("gray", ""))[0]
                 ax.axhline(float(r["top1"]), color=color, lw=0.8, ls=":")
         styles = ["-", "--", "-.", (0, (1, 1)), (0, (5, 1))]
-        variants = sorted({k[1:] for k in _curves(rows)})
-        curves = sorted(_curves(rows).items(), key=lambda kv: (act_bits_order(kv[0][0]), kv[0][1:]))
         for (act, method, fl, rep), pts in curves:
             pts = sorted(pts, key=lambda r: float(r[xcol]))
             color, act_label = ACT_STYLE.get(act, ("gray", f"{act}-bit"))
