@@ -52,14 +52,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgq_jax import results
+from fgq_jax import fileio, results
+from fgq_jax.activations import ActConfig
 from fgq_jax.data import load_arrays, normalize
-from fgq_jax.evaluate import ActConfig, Evaluator
-from fgq_jax.ptq import PTQConfig, quantize_model
-from fgq_jax.sweep import SweepConfig, sample_images, accounting_columns, load_model
+from fgq_jax.evaluate import Evaluator
+from fgq_jax.loading import load_model, sample_images
+from fgq_jax.ptq import quantize_model
+from fgq_jax.recipe import REPAIRS as ALL_REPAIRS
+from fgq_jax.recipe import QuantRecipe
+from fgq_jax.sweep import accounting_columns
 
 DEFAULT_CHECKPOINT = "{shared}/models/cifar-resnet/resnet20-12fca82f.th"
-ALL_REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit")
 
 # qwix modes: name -> (provider, weight qtype, act qtype, static act scale, tile_size)
 QWIX_MODES: dict[str, tuple[str, Any, Any, bool, Any]] = {
@@ -102,10 +105,7 @@ class CompareConfig:
     # (FP activations: the like-for-like partner of qwix's weight-only rows)
     fgq_rows: tuple = ("a8", "a8+repairs", "weight-only")
     qwix_modes: tuple = tuple(QWIX_MODES)
-    num_calib: int = 256
-    num_repair: int = 2048
-    num_fit: int = 512
-    seed: int = 0
+    recipe: QuantRecipe = QuantRecipe()  # what every FGQ row shares (image budgets, calibration, seed)
     test_subset: int | None = None  # smoke runs: n evenly spaced test images (all classes)
     batch_size: int = 500
     throughput_images: int = 2000
@@ -246,7 +246,7 @@ def qwix_entries(cfg, spec, variables_fp, layers, calib) -> list[Entry]:
             "weights": weight, "granularity": gran, "activations": QWIX_ACT[(act, static)],
             "repairs": "none", "scale_dtype": "float32",
             **qwix_bits(layers, spec, QTYPE_BITS[weight]), "note": note,
-            "num_calib": cfg.num_calib if static else 0, "num_repair": 0,
+            "num_calib": cfg.recipe.activations.num_calib if static else 0, "num_repair": 0,
         }
 
         def build(mode=mode):
@@ -280,13 +280,13 @@ def act_description(act_cfg: ActConfig, calibration) -> str:
 
 def fgq_entries(cfg, spec, variables_fp, calib, repair, evaluators) -> list[Entry]:
     points = []
+    fp = cfg.recipe.replace(method="fp", act_bits=None)
     if "fp32" in cfg.fp_rows:
-        points.append(("fp32", PTQConfig(method="fp", group_size=None, act_bits=None)))
+        points.append(("fp32", fp))
     if "fp32-a8" in cfg.fp_rows:
-        points.append(("fp32 weights, 8-bit act", PTQConfig(method="fp", group_size=None, act_bits=8)))
+        points.append(("fp32 weights, 8-bit act", fp.replace(act_bits=8)))
     if "fp32-bn" in cfg.fp_rows:
-        points.append(("fp32 +bn_reestimate (control)",
-                       PTQConfig(method="fp", group_size=None, act_bits=None, bn_reestimate=True)))
+        points.append(("fp32 +bn_reestimate (control)", fp.replace(bn_reestimate=True)))
     kinds = {
         "a8": ("", dict(act_bits=8)),
         "a8+repairs": (" +repairs", dict(act_bits=8, **{r: True for r in ALL_REPAIRS})),
@@ -296,32 +296,32 @@ def fgq_entries(cfg, spec, variables_fp, calib, repair, evaluators) -> list[Entr
         if kind in cfg.fgq_rows:
             suffix, kw = kinds[kind]
             for n in cfg.group_sizes:
-                points.append((f"FGQ N={n}{suffix}", PTQConfig(method="exact", group_size=n,
-                                                                num_fit=cfg.num_fit, **kw)))
+                points.append((f"FGQ N={n}{suffix}",
+                               cfg.recipe.replace(method="exact", group_size=n, **kw)))
     entries = []
-    for name, ptq in points:
-        fp = ptq.method == "fp"
-        reps = [r for r in ALL_REPAIRS if getattr(ptq, r)]
-        acc = accounting_columns(spec, variables_fp, ptq)
+    for name, recipe in points:
+        fp = not recipe.weights.quantized
+        reps = recipe.repairs.names
+        acc = accounting_columns(spec, variables_fp, recipe)
         row = {
             "library": "fp reference" if fp else "fgq-jax", "config": name,
             "api": "fgq_jax.ptq.quantize_model",
             "weights": "fp32" if fp else "ternary (exact FGQ)",
-            "granularity": "-" if fp else f"groups of N={ptq.group_size} along each output's reduction vector",
+            "granularity": "-" if fp else f"groups of N={recipe.weights.group_size} along each output's reduction vector",
             "repairs": "+".join(reps) or "none",
             "scale_dtype": "-" if fp else "float16",
             "bits_per_weight": acc["bits_per_weight"],
             "model_bits_per_weight": acc["model_bits_per_weight"],
-            "num_calib": cfg.num_calib if ptq.act_bits else 0,
-            "num_repair": cfg.num_repair if reps else 0,
+            "num_calib": recipe.activations.num_calib if recipe.activations.bits else 0,
+            "num_repair": recipe.repairs.num_repair if reps else 0,
             "note": "",
         }
 
-        def build(ptq=ptq, row=row):
+        def build(recipe=recipe, row=row):
             t0 = time.perf_counter()
-            q = quantize_model(spec, variables_fp, ptq, calib, repair)
+            q = quantize_model(spec, variables_fp, recipe, calib, repair)
             row["quant_seconds"] = time.perf_counter() - t0
-            row["activations"] = act_description(q.act_cfg, ptq.calibration)
+            row["activations"] = act_description(q.act_cfg, recipe.activations.calibration)
             ev = evaluators.get(q.act_cfg)
             if ev is None:
                 ev = evaluators[q.act_cfg] = Evaluator(spec.module, spec.dataset_family, q.act_cfg)
@@ -349,14 +349,11 @@ def _failure(e: BaseException) -> str:
 
 def run_comparison(cfg: CompareConfig, *, log=print) -> list[dict[str, Any]]:
     """Build, evaluate and time every row; returns the table rows (failures included)."""
-    scfg = SweepConfig(name="qwix_comparison", model=cfg.model, checkpoint=cfg.checkpoint,
-                       dataset=cfg.dataset, num_calib=cfg.num_calib, num_repair=cfg.num_repair,
-                       num_fit=cfg.num_fit, seed=cfg.seed)
-    spec, variables_fp = load_model(scfg)
+    spec, variables_fp = load_model(cfg.model, cfg.checkpoint)
     test_x, test_y = load_arrays(cfg.dataset, "test")
     idx = _subset(test_x.shape[0], cfg.test_subset)
     test_x, test_y = test_x[idx], test_y[idx]
-    calib, repair = sample_images(scfg)
+    calib, repair = sample_images(cfg.dataset, "train", cfg.recipe)
     from fgq_jax.accounting import layer_shapes
 
     layers = layer_shapes(spec.module, variables_fp, spec.input_shape, train=False)
@@ -482,8 +479,9 @@ def markdown(rows, command: str, meta: dict, cfg: CompareConfig) -> str:
         command,
         "```",
         "",
-        f"Test images: {rows[0]['num_test'] if rows else '-'} (test split); calibration: {cfg.num_calib} "
-        f"unlabeled training images; repairs: {cfg.num_repair} (scale fit: {cfg.num_fit}); "
+        f"Test images: {rows[0]['num_test'] if rows else '-'} (test split); calibration: "
+        f"{cfg.recipe.activations.num_calib} unlabeled training images; repairs: "
+        f"{cfg.recipe.repairs.num_repair} (scale fit: {cfg.recipe.repairs.num_fit}); "
         f"throughput: median of {cfg.repeats} rounds over {min(cfg.throughput_images, rows[0]['num_test']) if rows else '-'} "
         f"images, batch {cfg.batch_size}. Machine: {meta['machine']['platform']}, "
         f"{meta['machine']['cpu_count']} CPUs, JAX backend {meta['machine']['jax_backend']}; "
@@ -500,42 +498,28 @@ def markdown(rows, command: str, meta: dict, cfg: CompareConfig) -> str:
 
 
 def default_out_dir(cfg: CompareConfig) -> Path:
-    return results.REPO_ROOT / "results" / cfg.dataset / cfg.model
+    return fileio.REPO_ROOT / "results" / cfg.dataset / cfg.model
 
 
 def write_outputs(rows, cfg: CompareConfig, out_dir, command: str) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
-    meta = results.run_metadata(seed=cfg.seed, experiment=dataclasses.asdict(cfg), command=command)
+    meta = results.run_metadata(seed=cfg.recipe.seed, experiment=dataclasses.asdict(cfg), command=command)
     csv_path, md_path = out_dir / "qwix_comparison.csv", out_dir / "qwix_comparison.md"
-    results.write_csv(csv_path, rows, COLUMNS)
-    results.atomic_write_text(md_path, markdown(rows, command, meta, cfg))
+    fileio.write_csv(csv_path, rows, COLUMNS)
+    fileio.atomic_write_text(md_path, markdown(rows, command, meta, cfg))
     return csv_path, md_path
 
 
 def main(argv=None) -> int:
+    from experiments import cli
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_common_args(p, config_required=False)
     p.add_argument("--out-dir", default=None, help="default: results/<dataset>/<model>/")
-    p.add_argument("--test-subset", type=int, default=None,
-                   help="evaluate n evenly spaced test images (smoke runs); default: all")
-    p.add_argument("--group-sizes", type=int, nargs="+", default=[4, 16, 64])
-    p.add_argument("--fp-rows", nargs="+", default=list(FP_ROWS), choices=FP_ROWS)
-    p.add_argument("--fgq-rows", nargs="+", default=list(FGQ_ROWS), choices=FGQ_ROWS)
-    p.add_argument("--qwix-modes", nargs="+", default=list(QWIX_MODES), choices=list(QWIX_MODES))
-    p.add_argument("--num-calib", type=int, default=256)
-    p.add_argument("--num-repair", type=int, default=2048)
-    p.add_argument("--num-fit", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--throughput-images", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    cfg = CompareConfig(
-        group_sizes=tuple(a.group_sizes), fp_rows=tuple(a.fp_rows), fgq_rows=tuple(a.fgq_rows),
-        qwix_modes=tuple(a.qwix_modes),
-        num_calib=a.num_calib, num_repair=a.num_repair, num_fit=a.num_fit, seed=a.seed,
-        test_subset=a.test_subset, batch_size=a.batch_size, throughput_images=a.throughput_images,
-        repeats=a.repeats,
-    )
+    cfg, mesh = cli.setup("compare_qwix", a, CompareConfig)
+    if mesh is not None:
+        raise SystemExit("compare_qwix: --mesh is not supported (throughput is measured on one device)")
     command = shlex.join([".venv/bin/python", "-m", "benchmarks.compare_qwix",
                           *(sys.argv[1:] if argv is None else argv)])
     rows = run_comparison(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))

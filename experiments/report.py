@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fgq_jax.results import act_bits_order, read_csv
+from fgq_jax.fileio import read_csv
+from fgq_jax.results import act_bits_order
 
 SWEEP_COLUMNS = ("method", "group_size", "act_bits", "bn_reestimate", "bias_correct", "scale_fit",
                  "top1", "top5", "quantized_mult_eliminated_pct", "bits_per_weight",

@@ -20,6 +20,7 @@ Conventions (shared by every function here):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterable
@@ -29,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "ActConfig",
+    "Calibration",
     "qrange",
     "quantize_activation",
     "quantize_activation_int",
@@ -38,6 +41,52 @@ __all__ = [
 ]
 
 _METHODS = ("max", "percentile", "mse")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActConfig:
+    """Which layer inputs are quantized, to how many bits, and signed or not.
+
+    Static (hashable): changing it means a different compiled forward. The per-layer *steps* are not
+    part of it; they travel as arrays.
+
+    Attributes:
+      layers: tuple of (layer_path, bits, signed), one per quantized layer input.
+    """
+
+    layers: tuple[tuple[str, int, bool], ...] = ()
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(p for p, _, _ in self.layers)
+
+    def spec(self) -> dict[str, tuple[int, bool]]:
+        return {p: (b, s) for p, b, s in self.layers}
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """How activation steps are chosen from sample activations (see :func:`calibrate`).
+
+    method: "max" | "percentile" | "mse"; percentile: for "percentile", in (0, 100];
+    pow2: round each step to a power of two; max_samples: per layer, larger samples are subsampled
+    (the maximum is kept).
+    """
+
+    method: str = "mse"
+    percentile: float = 99.99
+    pow2: bool = False
+    max_samples: int = 1 << 18
+
+    def __post_init__(self):
+        if self.method not in _METHODS:
+            raise ValueError(f"Calibration.method must be one of {_METHODS}, got {self.method!r}")
+        if isinstance(self.percentile, bool) or not 0 < float(self.percentile) <= 100:
+            raise ValueError(f"Calibration.percentile must be in (0, 100], got {self.percentile!r}")
+        if not isinstance(self.pow2, bool):
+            raise ValueError(f"Calibration.pow2 must be a bool, got {self.pow2!r}")
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, int) or self.max_samples < 2:
+            raise ValueError(f"Calibration.max_samples must be an int >= 2, got {self.max_samples!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,11 +1,22 @@
 """Experiment config files: plain Python files defining `get_config()` (big_vision style; the first
-line of each is the command that runs it)."""
+line of each is the command that runs it), and the one override mechanism every CLI shares.
+
+A config is a frozen dataclass (`SweepConfig`, `TrainConfig`, `CompareConfig`). When it has a
+``recipe`` field (a `fgq_jax.recipe.QuantRecipe`), the recipe's flat names (``group_size``,
+``act_bits``, ``bn_reestimate``, ...) can be set on the config directly: ``--set group_size=16``.
+"""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any, Sequence
+
+from fgq_jax.recipe import QuantRecipe, check_fields
+
+__all__ = ["load_get_config", "derived_config", "replace_config", "parse_overrides", "load_config"]
 
 
 def load_get_config(path: str | os.PathLike):
@@ -21,8 +32,47 @@ def load_get_config(path: str | os.PathLike):
     return module.get_config()
 
 
+def replace_config(cfg, **changes):
+    """`dataclasses.replace` that also takes the recipe's flat names (validated; an unknown name is
+    an error suggesting the closest field)."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    recipe = getattr(cfg, "recipe", None) if "recipe" in fields else None
+    recipe_names = set(recipe.flat()) if isinstance(recipe, QuantRecipe) else set()
+    check_fields(type(cfg).__name__, changes, fields | recipe_names)
+    direct = {k: v for k, v in changes.items() if k in fields}
+    flat = {k: v for k, v in changes.items() if k not in fields}
+    if flat:
+        direct["recipe"] = direct.get("recipe", recipe).replace(**flat)
+    return dataclasses.replace(cfg, **direct)
+
+
 def derived_config(base: str | os.PathLike, **changes):
     """The config of the file `base` with some fields changed: a variant config file is one line,
-    ``return derived_config(Path(__file__).with_name("base.py"), epochs=3)``. The base's
-    `get_config()` must return a dataclass."""
-    return dataclasses.replace(load_get_config(base), **changes)
+    ``return derived_config(Path(__file__).with_name("base.py"), epochs=3)``."""
+    return replace_config(load_get_config(base), **changes)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> {key: value}; values are Python literals when they parse
+    (``lr=0.1``, ``group_size=None``, ``group_sizes=(4,64)``), else strings."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override must be key=value, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), cls: type | None = None):
+    """`get_config()` of a config file with ``key=value`` overrides applied. ``cls``: the expected
+    config class; a dict / ConfigDict of its fields is converted to it."""
+    cfg = load_get_config(path)
+    if cls is not None and not isinstance(cfg, cls):
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        check_fields(cls.__name__, d, [f.name for f in dataclasses.fields(cls)])
+        cfg = cls(**d)
+    return replace_config(cfg, **parse_overrides(overrides))

@@ -11,16 +11,11 @@ computation); every process then sees all devices of all hosts in ``jax.devices(
 spans them, and ``shard_batch`` takes each process's *local* part of the global batch.
 
 Sweeps: ``partition_points`` gives each worker (process, host or job-array task) its share of the
-points and ``append_rows_locked`` appends each finished point's rows to one shared CSV under an
-exclusive ``fcntl.flock``, skipping keys already present — so results merge without loss or
-duplicates, and a restarted worker does not write a point twice.
+points; ``fgq_jax.fileio.append_rows_locked`` merges their rows into one CSV.
 """
 
 from __future__ import annotations
 
-import csv
-import fcntl
-import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -42,9 +37,6 @@ __all__ = [
     "replicate",
     "partition_points",
     "worker_from_env",
-    "append_rows_locked",
-    "MergedRows",
-    "read_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -236,127 +228,3 @@ def worker_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
         lo = int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
         return int(env["SLURM_ARRAY_TASK_ID"]) - lo, int(env["SLURM_ARRAY_TASK_COUNT"])
     return 0, 1
-
-
-def _cell(v: Any) -> str:
-    """CSV spelling of a value, the same as ``fgq_jax.results.format_value`` (booleans true/false,
-    None empty, floats with 4 decimals) so keys compare equal to the sweep's ``point_key``."""
-    if isinstance(v, (np.generic, jax.Array)):
-        v = np.asarray(v).item()
-    try:
-        from fgq_jax.results import format_value
-    except ImportError:  # pragma: no cover
-        format_value = None
-    if format_value is not None:
-        return format_value(v)
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return ""
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-class MergedRows(list):
-    """All rows of the CSV after an ``append_rows_locked`` (dicts of strings, file order), with
-    ``written``: how many of the given rows were new and appended."""
-
-    written: int = 0
-
-
-def read_rows(csv_path: str | os.PathLike) -> list[dict[str, str]]:
-    """All rows of a CSV as dicts of strings ([] if the file is missing or empty)."""
-    try:
-        with open(csv_path, newline="") as f:
-            return list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
-
-
-def append_rows_locked(
-    csv_path: str | os.PathLike,
-    rows: Sequence[Mapping[str, Any]],
-    key_columns: Sequence[str],
-    columns: Sequence[str] | None = None,
-) -> MergedRows:
-    """Append ``rows`` to ``csv_path`` unless a row with the same key is already there.
-
-    Safe with many concurrent writers (processes, or hosts on a shared filesystem whose locks work,
-    e.g. local disks, NFSv4, Lustre with flock): everything happens under an exclusive
-    ``fcntl.flock`` on ``<csv_path>.lock``. Values are written as ``fgq_jax.results.format_value``
-    spells them; the key of a row is the tuple of its ``key_columns`` cells, and duplicates within
-    ``rows`` are dropped too. ``columns`` fixes the header order of a new file (columns a row has
-    beyond them are appended, never dropped); without it the header is the rows' keys in first-seen
-    order. Rows bringing columns the existing file lacks make it be rewritten with the union header
-    (old rows get "" there) atomically (temp file + ``os.replace``); missing cells are "". Appends
-    are flushed and fsynced before the lock is released.
-
-    Returns every row of the file after the append (a consistent snapshot taken under the lock, as
-    dicts of strings) as a ``MergedRows`` list whose ``.written`` is the number of rows appended.
-    """
-    csv_path = os.fspath(csv_path)
-    key_columns = list(key_columns)
-    if not key_columns:
-        raise ValueError("key_columns must name at least one column")
-    for r in rows:
-        missing = [k for k in key_columns if k not in r]
-        if missing:
-            raise ValueError(f"row lacks key columns {missing}: {dict(r)}")
-    new = [{k: _cell(v) for k, v in r.items()} for r in rows]
-    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-    with open(csv_path + ".lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            existing_header: list[str] = []
-            existing: list[dict[str, str]] = []
-            if os.path.exists(csv_path) and os.path.getsize(csv_path) > 0:
-                with open(csv_path, newline="") as f:
-                    reader = csv.DictReader(f)
-                    existing_header = list(reader.fieldnames or [])
-                    existing = [{k: (v if v is not None else "") for k, v in r.items() if k is not None}
-                                for r in reader]
-            seen = {tuple(r.get(k) or "" for k in key_columns) for r in existing}
-            todo = []
-            for r in new:
-                key = tuple(r.get(k, "") for k in key_columns)
-                if key not in seen:
-                    seen.add(key)
-                    todo.append(r)
-            result = MergedRows(existing)
-            result.written = len(todo)
-            if not todo:
-                return result
-            header = list(existing_header) or list(columns or [])
-            for r in todo:
-                header += [k for k in r if k not in header]
-            full = [{k: r.get(k, "") for k in header} for r in existing + todo]
-            result[:] = full
-            if existing_header and header != existing_header:
-                # New columns: rewrite everything with the union header, atomically.
-                buf = io.StringIO()
-                w = csv.DictWriter(buf, fieldnames=header, restval="", lineterminator="\n")
-                w.writeheader()
-                w.writerows(existing)
-                w.writerows(todo)
-                tmp = f"{csv_path}.tmp.{os.getpid()}"
-                with open(tmp, "w", newline="") as f:
-                    f.write(buf.getvalue())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, csv_path)
-                return result
-            with open(csv_path, "a+", newline="") as f:
-                if existing_header:  # a file written elsewhere may lack its final newline
-                    f.seek(0, os.SEEK_END)
-                    if f.tell() > 0:
-                        f.seek(f.tell() - 1)
-                        if f.read(1) not in ("\n", "\r"):
-                            f.write("\n")
-                w = csv.DictWriter(f, fieldnames=header, restval="", lineterminator="\n")
-                if not existing_header:
-                    w.writeheader()
-                w.writerows(todo)
-                f.flush()
-                os.fsync(f.fileno())
-            return result
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

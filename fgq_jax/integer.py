@@ -61,11 +61,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fgq_jax.intercept import layer_path
+from fgq_jax.ternary import group_ids, is_ternary
 from fgq_jax.transforms import path_to_str
 
 __all__ = [
     "IntegerWeights",
-    "group_ids",
     "fold_ternary",
     "fold_int8",
     "fold_params",
@@ -95,34 +96,8 @@ _EMU_CHUNK = 8192  # reduction chunk: 8192 * 15 * 127 = 15_605_760 < 2**24 (see 
 
 
 # --------------------------------------------------------------------------------------------------
-# grouping (mirrors fgq_jax.ternary, see docs/CONTRACT.md)
+# grouping: fgq_jax.ternary.group_ids is the rule; gathers of its groups
 # --------------------------------------------------------------------------------------------------
-def group_ids(shape: Sequence[int], group_size, grouping: str = "input") -> np.ndarray:
-    """Group index of each element of an output channel's reduction vector, int64 [L].
-
-    ``L = prod(shape[:-1])``; the reduction vector is the row-major flatten of all kernel axes but
-    the last (conv ``(kh, kw, cin)`` with cin fastest; dense ``(in,)``).
-    ``grouping="input"``: int N -> ``i // N`` (last group shorter when N does not divide L);
-    ``"channel"`` or None -> one group. ``grouping="kernel"``: one group per input channel
-    (the kh*kw taps of a (cin, cout) pair), i.e. ``i % cin``.
-    """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2:
-        raise ValueError(f"kernel shape must have >= 2 axes, got {shape}")
-    length = math.prod(shape[:-1])
-    idx = np.arange(length)
-    if grouping == "kernel":
-        return idx % shape[-2]
-    if grouping != "input":
-        raise ValueError(f"unknown grouping {grouping!r}")
-    if group_size is None or group_size == "channel":
-        return np.zeros(length, np.int64)
-    n = int(group_size)
-    if n < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size!r}")
-    return idx // n
-
-
 def _group_gather(gid: np.ndarray) -> np.ndarray:
     """[G, Nmax] indices into the reduction vector, group by group; pad entries point at index L."""
     length = gid.shape[0]
@@ -303,23 +278,16 @@ def fold_int8(kernel: jax.Array) -> IntegerWeights:
                           group_size="channel")
 
 
-def _is_ternary(x) -> bool:
-    return (
-        hasattr(x, "codes") and hasattr(x, "scales") and hasattr(x, "dequantize")
-        and not isinstance(x, IntegerWeights)
-    )
-
-
 def fold_params(params: Any) -> dict[str, IntegerWeights]:
     """Fold every TernaryTensor leaf of a params tree (``quantize_params(..., mode="ternary")``).
 
     Returns ``{layer_path: IntegerWeights}`` keyed by the '/'-joined path of the *layer* (the leaf
     path without its trailing ``/kernel``), the keys ``integer_apply`` and evaluate's act steps use.
     """
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_ternary)[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_ternary)[0]
     out = {}
     for path, leaf in flat:
-        if _is_ternary(leaf):
+        if is_ternary(leaf):
             p = path_to_str(path)
             out[p[: -len("/kernel")] if p.endswith("/kernel") else p] = fold_ternary(leaf)
     return out
@@ -350,7 +318,7 @@ def rounded_fake_quant_tree(tree: Any) -> Any:
     """Replace every TernaryTensor leaf by ``rounded_fake_quant(leaf)`` (others unchanged): the twin
     of ``ptq.dequantize_tree`` with rounded multipliers, ready for ``model.apply`` / ``Evaluator``."""
     return jax.tree.map(
-        lambda x: rounded_fake_quant(x) if _is_ternary(x) else x, tree, is_leaf=_is_ternary
+        lambda x: rounded_fake_quant(x) if is_ternary(x) else x, tree, is_leaf=is_ternary
     )
 
 
@@ -784,9 +752,9 @@ def integer_apply(
     emulation) or "literal" (the paper's per-group form, unrounded alphas) computes the layer with
     the folded kernel (the kernel in ``variables`` is ignored but must have the same shape); the
     layer's own bias is added. Layers not folded run in float; if their path is in ``act_cfg`` /
-    ``act_steps`` their input is fake-quantized first, exactly as ``fgq_jax.evaluate`` does.
+    ``act_steps`` their input is fake-quantized first, exactly as ``fgq_jax.intercept`` does.
 
-    act_cfg: an ``evaluate.ActConfig`` (anything with ``.spec() -> {path: (bits, signed)}``); when
+    act_cfg: an ``activations.ActConfig`` (anything with ``.spec() -> {path: (bits, signed)}``); when
       given it decides each layer's bits and signedness, else ``bits`` / ``signed`` (a bool or a
       ``{path: bool}`` mapping) do. Bits must be <= 8 on folded layers.
     Pure and jit-able (``folded`` and ``act_steps`` are pytrees of arrays); ``train`` defaults to
@@ -809,7 +777,7 @@ def integer_apply(
         mod = context.module
         if context.method_name != "__call__" or not isinstance(mod, (nn.Conv, nn.Dense)):
             return next_fun(*args, **kwargs)
-        path = "/".join(mod.path)
+        path = layer_path(mod)
         xin = args[0]
         iw = folded.get(path)
         if iw is None:

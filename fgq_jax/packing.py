@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgq_jax import checkpoint
+from fgq_jax.ternary import TernaryTensor, is_ternary
 
 __all__ = [
     "pack_codes",
@@ -118,19 +119,6 @@ def unpack_codes(packed, shape: Sequence[int], *, validate: bool = True) -> np.n
 # --------------------------------------------------------------------------------------------------
 # TernaryTensor glue (fgq_jax.ternary)
 # --------------------------------------------------------------------------------------------------
-def _ternary_cls():
-    from fgq_jax.ternary import TernaryTensor
-
-    return TernaryTensor
-
-
-def _is_ternary(x) -> bool:
-    try:
-        return isinstance(x, _ternary_cls())
-    except ImportError:  # ternary.py absent: no leaf can be a TernaryTensor
-        return False
-
-
 def _json_static(v):
     """Static fields (group_size may be an int, None or "channel") as JSON values."""
     if isinstance(v, (np.integer,)):
@@ -143,7 +131,7 @@ def _json_static(v):
 
 
 def _make_ternary(codes, scales, neg_scales, static: dict):
-    cls = _ternary_cls()
+    cls = TernaryTensor
     return cls(
         codes=jnp.asarray(codes, jnp.int8),
         scales=jnp.asarray(scales, jnp.float32),
@@ -260,14 +248,14 @@ def save_ternary(path: str | os.PathLike, tree: Any, scale_dtype: str = "float16
     path = Path(path).expanduser().absolute()
 
     # Build everything in memory first: a bad leaf fails before anything touches the disk.
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_ternary)
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_ternary)
     arrays: dict[str, dict[str, np.ndarray]] = {}
     leaves_meta = []
     for i, (kpath, leaf) in enumerate(flat):
         name = f"leaf_{i:05d}"
         jpath = [_key_to_json(k) for k in kpath]
         entry: dict[str, Any] = {"name": name, "path": jpath, "key": _path_str(jpath)}
-        if _is_ternary(leaf):
+        if is_ternary(leaf):
             codes = _to_host(leaf.codes)
             shape = tuple(int(d) for d in leaf.shape)
             if codes.shape != shape:
@@ -374,7 +362,7 @@ def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
         entries.append((e["path"], leaf))
 
     if target is not None:
-        treedef = jax.tree_util.tree_structure(target, is_leaf=_is_ternary)
+        treedef = jax.tree_util.tree_structure(target, is_leaf=is_ternary)
         if treedef.num_leaves != len(entries):
             raise ValueError(
                 f"target has {treedef.num_leaves} leaves but the export holds {len(entries)}"

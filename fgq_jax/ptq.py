@@ -1,151 +1,189 @@
-"""Post-training quantization of one model at one configuration: the unit a sweep point evaluates.
+"""Post-training quantization of one model by one recipe: the unit a sweep point evaluates and the
+starting point of fine-tuning.
 
-    ternarize weights (rules) -> calibrate activation steps -> [fit scales] -> [bias correction]
-    -> [BN re-estimation] -> (recalibrate) -> variables + activation config for `Evaluator`
+    ternarize weights (recipe rules) -> calibrate activation steps -> [fit scales] -> [bias correction]
+    -> [BN re-estimation] -> (recalibrate) -> QuantizedModel (variables + steps for `Evaluator`)
 
 Everything here is label-free: calibration and repairs see training images, never their labels.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fgq_jax import repairs, transforms
-from fgq_jax.evaluate import ActConfig, Calibration, calibrate_steps, linear_layer_paths
-from fgq_jax.ternary import TernaryTensor
+from fgq_jax import activations, repairs, transforms
+from fgq_jax.activations import ActConfig, Calibration
+from fgq_jax.data import augment_cifar, normalize
+from fgq_jax.intercept import capture_layer_io, linear_layer_paths
+from fgq_jax.recipe import QuantRecipe
+from fgq_jax.ternary import dequantize_tree
 
-GROUP_SIZE_NAMES = {"channel": "channel", "tensor": None}
-
-
-@dataclasses.dataclass(frozen=True)
-class PTQConfig:
-    """One quantization setting (hashable; every field is a sweep column).
-
-    method: "fp" (no weight quantization) or a ternary method of `fgq_jax.ternary`.
-    group_size: int N, "channel" (one group per output channel) or None (whole tensor).
-    act_bits: None for full-precision activations, else bits of every quantized layer's input.
-    first_last: "fp" keeps the first conv and last dense in full precision, "8" makes them int8.
-    """
-
-    method: str = "exact"
-    group_size: int | str | None = 4
-    asymmetric: bool = False
-    grouping: str = "input"
-    act_bits: int | None = 8
-    first_last: str = "fp"
-    bn_reestimate: bool = False
-    bias_correct: bool = False
-    scale_fit: bool = False
-    calibration: Calibration = Calibration()
-    num_fit: int = 512  # images (of the repair images) for scale fitting: L x L moments need few
-    # Repairs see the unlabeled images with the training augmentation (CIFAR: pad-4 random crop +
-    # flip). The published BatchNorm statistics were gathered on augmented images; re-estimating
-    # them on plain images costs the FP ResNet-20 ~1.4 points, on augmented ones it gains ~2.
-    augment_repair_images: bool = True
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.first_last not in ("fp", "8"):
-            raise ValueError(f"first_last must be 'fp' or '8', got {self.first_last!r}")
-        if self.act_bits is not None and (
-            isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or self.act_bits < 2
-        ):
-            raise ValueError(f"act_bits must be None or an int >= 2, got {self.act_bits!r}")
+__all__ = ["QuantizedModel", "quantize_model", "quantized_layers", "calibrate_steps"]
 
 
 @dataclasses.dataclass
 class QuantizedModel:
-    variables: dict  # {"params": fake-quant float params, "batch_stats": ...}
+    """What `quantize_model` returns.
+
+    variables: {"params": fake-quant float params, "batch_stats": ...} for `Evaluator` / apply.
+    act_cfg, act_steps: the quantized layer inputs and their calibrated steps.
+    ternary_params: params tree with TernaryTensor leaves (None for method "fp"): export, integer path.
+    quantized_layers: layer paths whose weights are quantized, in call order.
+    """
+
+    recipe: QuantRecipe
+    variables: dict
     act_cfg: ActConfig
     act_steps: dict[str, jax.Array]
-    ternary_params: Any  # params tree with TernaryTensor leaves (None for method "fp")
-    quantized_layers: tuple[str, ...]  # layer paths whose weights are quantized
+    ternary_params: Any
+    quantized_layers: tuple[str, ...]
 
 
-def dequantize_tree(tree):
-    """Replace every TernaryTensor leaf by its float kernel (the fake-quant tree for model.apply)."""
-    return jax.tree.map(
-        lambda x: x.dequantize() if isinstance(x, TernaryTensor) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, TernaryTensor),
-    )
+def quantized_layers(spec, variables: Mapping[str, Any], recipe: QuantRecipe) -> tuple[list[str], list[str]]:
+    """(layers whose weights the recipe quantizes, layers whose inputs it quantizes), in call order.
 
-
-def weight_rules(spec, cfg: PTQConfig):
-    wq = transforms.WeightQuant(
-        method=cfg.method, group_size=cfg.group_size, asymmetric=cfg.asymmetric, grouping=cfg.grouping
-    )
-    return transforms.default_rules(wq, spec.first_layer, spec.last_layer, first_last=cfg.first_last)
+    Activations: the inputs of the quantized layers but the network input; with FP weights, every
+    conv/dense input but the first (see `fgq_jax.recipe.ActivationSpec`).
+    """
+    order = linear_layer_paths(spec.module, variables, spec.input_shape)
+    if not recipe.weights.quantized:
+        return [], [p for p in order if p != spec.first_layer]
+    kernels = transforms.quantized_paths(variables["params"], recipe.rules(spec.first_layer, spec.last_layer))
+    quantized = [p for p in order if f"{p}/kernel" in kernels]
+    return quantized, [p for p in quantized if p != spec.first_layer]
 
 
 def quantize_model(
     spec,
     variables_fp: Mapping[str, Any],
-    cfg: PTQConfig,
+    recipe: QuantRecipe,
     calib_images: np.ndarray | None = None,
     repair_images: np.ndarray | None = None,
 ) -> QuantizedModel:
-    """Quantize `variables_fp` of model `spec` (a ModelSpec) as `cfg` says.
+    """Quantize `variables_fp` of model `spec` (a `fgq_jax.models.ModelSpec`) as `recipe` says.
 
-    calib_images: uint8 [n, H, W, C] training images for activation calibration (needed when
-      act_bits is set). repair_images: uint8 training images for the repairs (needed when any is on).
+    calib_images: uint8 [n, H, W, C] unlabeled images for activation calibration (needed when
+      act_bits is set). repair_images: uint8 unlabeled images for the repairs (needed when any is on).
     """
+    if not isinstance(recipe, QuantRecipe):
+        raise TypeError(f"quantize_model takes a QuantRecipe, got {type(recipe).__name__}")
     module, family = spec.module, spec.dataset_family
-    needs_repair = cfg.bn_reestimate or cfg.bias_correct or cfg.scale_fit
-    if cfg.act_bits is not None and calib_images is None:
+    act, rep = recipe.activations, recipe.repairs
+    if act.bits is not None and calib_images is None:
         raise ValueError("quantize_model: act_bits is set but no calibration images were given")
-    if needs_repair and repair_images is None:
+    if rep.any and repair_images is None:
         raise ValueError("quantize_model: a repair is enabled but no repair images were given")
-    if cfg.method == "fp" and (cfg.bias_correct or cfg.scale_fit or cfg.first_last == "8"):
-        raise ValueError(
-            "quantize_model: method 'fp' takes only bn_reestimate (no weight error to correct) and "
-            "no 8-bit first/last layer"
-        )
-    if needs_repair and cfg.augment_repair_images and family == "cifar":
-        from fgq_jax.data import augment_cifar
+    if rep.any and rep.augment_images and family == "cifar":
+        repair_images = np.asarray(augment_cifar(jax.random.key(recipe.seed), jnp.asarray(repair_images)))
 
-        repair_images = np.asarray(
-            augment_cifar(jax.random.key(cfg.seed), jax.numpy.asarray(repair_images))
-        )
-
-    params_fp = variables_fp["params"]
-    order = linear_layer_paths(module, variables_fp, spec.input_shape)
-    if cfg.method == "fp":
-        ternary_params, quantized = None, ()
-        variables = dict(variables_fp)
-        # FP weights with quantized activations: quantize every layer input but the network input.
-        act_layers = [p for p in order if p != spec.first_layer]
-    else:
-        rules = weight_rules(spec, cfg)
-        ternary_params = transforms.quantize_params(params_fp, rules, mode="ternary")
-        kernel_paths = transforms.quantized_paths(params_fp, rules)
-        quantized = tuple(p for p in order if f"{p}/kernel" in kernel_paths)
-        variables = {**variables_fp, "params": dequantize_tree(ternary_params)}
-        act_layers = [p for p in quantized if p != spec.first_layer]
+    quantized, act_layers = quantized_layers(spec, variables_fp, recipe)
+    ternary_params = None
+    variables = dict(variables_fp)
+    if recipe.weights.quantized:
+        rules = recipe.rules(spec.first_layer, spec.last_layer)
+        ternary_params = transforms.quantize_params(variables_fp["params"], rules, mode="ternary")
+        variables["params"] = dequantize_tree(ternary_params)
 
     def calibrate(v):
-        if cfg.act_bits is None:
+        if act.bits is None:
             return ActConfig(), {}
-        return calibrate_steps(
-            module, v, calib_images, cfg.act_bits, act_layers, family, cfg.calibration
-        )
+        return calibrate_steps(module, v, calib_images, act.bits, act_layers, family, act.calibration)
 
     act_cfg, steps = calibrate(variables)
-    if cfg.scale_fit:
+    if rep.scale_fit:
         ternary_params = repairs.fit_scales(
-            module, ternary_params, variables_fp, repair_images[: cfg.num_fit], family,
+            module, ternary_params, variables_fp, repair_images[: rep.num_fit], family,
             dequantize_tree, act_cfg, steps,
         )
         variables = {**variables, "params": dequantize_tree(ternary_params)}
-    if cfg.bias_correct:
+    if rep.bias_correct:
         variables = repairs.bias_correction(
-            module, variables, params_fp, repair_images, family, list(quantized), act_cfg, steps
+            module, variables, variables_fp["params"], repair_images, family, quantized, act_cfg, steps
         )
-    if cfg.bn_reestimate:
+    if rep.bn_reestimate:
         variables = repairs.reestimate_bn(module, variables, repair_images, family, act_cfg, steps)
-    if needs_repair:  # the repaired network's activations moved: recalibrate their steps
+    if rep.any:  # the repaired network's activations moved: recalibrate their steps
         act_cfg, steps = calibrate(variables)
-    return QuantizedModel(variables, act_cfg, steps, ternary_params, quantized)
+    return QuantizedModel(recipe, variables, act_cfg, steps, ternary_params, tuple(quantized))
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration of activation steps
+
+
+def _subsample(sample: jax.Array, k: int) -> jax.Array:
+    """At most k values of `sample`, drawn uniformly (fixed key), plus its extremes.
+
+    Calibrators cost O(candidates x samples); a few hundred thousand values pin a step down as well
+    as millions, and keeping the min and max leaves the "max" calibrator exact.
+    """
+    if sample.size <= k:
+        return sample
+    idx = jax.random.randint(jax.random.key(0), (k,), 0, sample.size)
+    return jnp.concatenate([sample[idx], jnp.stack([jnp.min(sample), jnp.max(sample)])])
+
+
+@jax.jit(static_argnums=0)
+def _input_minima(module, variables, x):
+    return {p: jnp.min(a) for p, a in capture_layer_io(module, variables, x).items()}
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _capture(module, act_cfg, path, variables, x, steps, enabled):
+    return capture_layer_io(module, variables, x, act_cfg, steps, enabled=enabled)[path]
+
+
+def calibrate_steps(
+    module: nn.Module,
+    variables: Mapping[str, Any],
+    images: np.ndarray,
+    act_bits: int,
+    layers: Iterable[str],
+    family: str,
+    calibration: Calibration = Calibration(),
+    batch_size: int = 256,
+) -> tuple[ActConfig, dict[str, jax.Array]]:
+    """Calibrate one step per layer input from sample images.
+
+    Layers are calibrated in call order with the earlier layers already quantized, so each step sees
+    the activations the quantized network really produces. A layer whose sample inputs are never
+    negative (after ReLU) gets an unsigned quantizer, otherwise a signed one.
+
+    images: uint8 [N, H, W, C] (training images; labels are never used).
+    Returns (ActConfig, {layer_path: float32 scalar step}).
+    """
+    layers = list(layers)
+    x = normalize(jnp.asarray(images), family)
+    batches = [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    # Signedness first, from one unquantized pass: inputs that follow a ReLU are never negative
+    # whatever happens upstream, so this decides each quantizer's range once and for all.
+    mins = [_input_minima(module, variables, xb) for xb in batches]
+    cfg = ActConfig(tuple((p, act_bits, bool(min(float(m[p]) for m in mins) < 0)) for p in layers))
+    # Steps and enable flags are arrays, so one compiled capture serves every layer in turn.
+    steps = {p: jnp.ones((), jnp.float32) for p in layers}
+    enabled = {p: jnp.zeros((), bool) for p in layers}
+    for path, bits, signed in cfg.layers:
+        sample = jnp.concatenate(
+            [_capture(module, cfg, path, variables, xb, steps, enabled).reshape(-1) for xb in batches]
+        )
+        sample = _subsample(sample, calibration.max_samples)
+        steps[path] = jnp.asarray(
+            activations.calibrate(
+                sample,
+                bits,
+                method=calibration.method,
+                signed=signed,
+                percentile=calibration.percentile,
+                pow2=calibration.pow2,
+            ),
+            jnp.float32,
+        )
+        enabled[path] = jnp.ones((), bool)
+    return cfg, steps
+
+

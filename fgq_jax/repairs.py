@@ -23,7 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgq_jax.data import normalize
-from fgq_jax.evaluate import LINEAR_LAYERS, ActConfig, _intercepting, layer_path
+from fgq_jax.activations import ActConfig
+from fgq_jax.intercept import LINEAR_LAYERS, intercepting, layer_path, linear_layer_paths
+from fgq_jax.ternary import group_onehot, is_ternary
+from fgq_jax.transforms import path_to_str
 
 
 def _batches(images: np.ndarray, family: str, batch_size: int):
@@ -45,24 +48,16 @@ def _set(tree: Mapping[str, Any], path: str, value) -> dict:
     return out
 
 
-def _apply_quantized(module, v, x, act_cfg, act_steps, interceptor, *, train=False, captured=None):
-    """module.apply(v, x) with activation quantization and `interceptor` inside it (so `interceptor`
-    sees every layer call); train=True runs with batch statistics. Traced inside the jitted helpers."""
-
-    def run():
-        with nn.intercept_methods(interceptor):
-            if train:
-                return module.apply(v, x, train=True, mutable=["batch_stats"])
-            return module.apply(v, x, train=False)
-
-    return _intercepting(run, act_cfg, act_steps, captured)
+def _apply_quantized(module, v, x, act_cfg, act_steps, observer, *, train=False, captured=None):
+    """module.apply(v, x) with activation quantization, `observer` seeing every module call;
+    train=True runs with batch statistics. Traced inside the jitted helpers."""
+    if train:
+        fn = lambda: module.apply(v, x, train=True, mutable=["batch_stats"])  # noqa: E731
+    else:
+        fn = lambda: module.apply(v, x, train=False)  # noqa: E731
+    return intercepting(fn, act_cfg, act_steps, captured, observer=observer)
 
 
-# --------------------------------------------------------------------------------------------------
-# BatchNorm re-estimation
-
-
-@jax.jit(static_argnums=(0, 1))
 def _bn_moments(module, act_cfg, v, act_steps, x):
     """Per-channel mean and variance of every BatchNorm's input in one train-mode forward."""
     moments = {}
@@ -246,23 +241,6 @@ def _patches(module: nn.Module, x: jax.Array) -> jax.Array:
     return p.reshape(p.shape[0], -1)
 
 
-def group_onehot(shape: tuple[int, ...], group_size, grouping: str = "input") -> np.ndarray:
-    """E [L, G]: E[l, g] = 1 when element l of an output's reduction vector is in group g.
-
-    Mirrors the grouping rule of `fgq_jax.ternary` (same groups for every output channel). For
-    group_size=None (one scale for the whole tensor) G = 1 and the scale is shared over channels.
-    """
-    length = int(np.prod(shape[:-1]))
-    if grouping == "kernel":
-        cin = shape[-2]
-        gid = np.arange(length) % cin
-    elif group_size is None or group_size == "channel":
-        gid = np.zeros(length, int)
-    else:
-        gid = np.arange(length) // int(group_size)
-    return np.eye(gid.max() + 1, dtype=np.float32)[gid]
-
-
 def _fit_layer_scales(tt, c_qq, c_qf, kernel_fp, ridge: float):
     """Least-squares scales for one TernaryTensor given input moments.
 
@@ -317,7 +295,7 @@ def _layer_moments(module, act_cfg, path, v_q, v_fp, act_steps, x):
         return next_fun(*args, **kwargs)
 
     _apply_quantized(module, v_q, x, act_cfg, act_steps, remember, captured=captured_q)
-    _intercepting(lambda: module.apply(v_fp, x, train=False), ActConfig(), None, captured_fp)
+    intercepting(lambda: module.apply(v_fp, x, train=False), None, None, captured_fp)
     pq = _patches(mods[path], captured_q[path])
     pf = _patches(mods[path], captured_fp[path])
     hi = jax.lax.Precision.HIGHEST
@@ -342,18 +320,9 @@ def fit_scales(
     dequantize: callable(ternary_params) -> float params tree (the fake-quant tree for model.apply).
     Layer l is fitted with layers < l already fitted, so errors upstream are compensated downstream.
     """
-    from fgq_jax.ternary import TernaryTensor
-
     act_cfg = act_cfg or ActConfig()
-    is_tt = lambda x: isinstance(x, TernaryTensor)  # noqa: E731
-    flat = jax.tree_util.tree_flatten_with_path(ternary_params, is_leaf=is_tt)[0]
-    ternary_layers = {
-        "/".join(str(getattr(k, "key", k)) for k in path[:-1]): leaf
-        for path, leaf in flat
-        if is_tt(leaf)
-    }
-    from fgq_jax.evaluate import linear_layer_paths
-
+    flat = jax.tree_util.tree_flatten_with_path(ternary_params, is_leaf=is_ternary)[0]
+    ternary_layers = {path_to_str(path[:-1]): leaf for path, leaf in flat if is_ternary(leaf)}
     order = [
         p
         for p in linear_layer_paths(module, variables_fp, images.shape[1:])

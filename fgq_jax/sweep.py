@@ -12,15 +12,23 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Mapping
 
-import numpy as np
+import jax
+from tqdm.auto import tqdm
 
-from fgq_jax import accounting, results, transforms
-from fgq_jax.evaluate import Calibration, Evaluator
-from fgq_jax.ptq import PTQConfig, quantize_model, weight_rules
+from fgq_jax import accounting, fileio, results, transforms
+from fgq_jax.data import load_arrays
+from fgq_jax.distributed import partition_points
+from fgq_jax.evaluate import Evaluator
+from fgq_jax.integer import rounded_fake_quant
+from fgq_jax.loading import load_model, sample_images
+from fgq_jax.ptq import quantize_model
+from fgq_jax.recipe import KEY_COLUMNS as RECIPE_KEY
+from fgq_jax.recipe import REPAIRS, QuantRecipe
+from fgq_jax.ternary import is_ternary
 
-METHODS = {  # sweep spelling -> (ternary method, asymmetric)
+METHODS = {  # sweep spelling -> (ternary method, asymmetric); the recipe's WeightSpec.label
     "exact": ("exact", False),
     "exact+asym": ("exact", True),
     "twn": ("twn", False),
@@ -28,11 +36,7 @@ METHODS = {  # sweep spelling -> (ternary method, asymmetric)
     "absmean": ("absmean", False),
     "binary": ("binary", False),
 }
-REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit")
-KEY_COLUMNS = (
-    "model", "method", "group_size", "act_bits", "first_last", "bn_reestimate", "bias_correct",
-    "scale_fit",
-)
+KEY_COLUMNS = ("model", *RECIPE_KEY)
 COLUMNS = (
     *KEY_COLUMNS, "top1", "top5", "mult_eliminated_pct", "bits_per_weight", "potential_speedup",
     "quantized_mult_eliminated_pct", "model_bits_per_weight", "dataset", "experiment",
@@ -43,14 +47,18 @@ COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """An experiment. Every field ends up in the JSON metadata; the grid fields in each row.
+    """An experiment: a model, its data, and a grid of quantization recipes.
 
     checkpoint: a PyTorch checkpoint (.th/.pth, converted on the fly) or an orbax directory written
       by `python -m fgq_jax.convert`. "{shared}" expands to the shared data root.
+    recipe: the settings every point shares (calibration, image budgets, repair options, seed); the
+      grid fields below vary the rest:
     group_sizes: ints, "channel" (per output channel) or "tensor" (one scale per tensor).
     act_bits: None (full precision) or ints.
     methods: keys of METHODS.
-    repairs: tuples of names from REPAIRS; () is plain post-training ternarization.
+    repairs: tuples of names from fgq_jax.recipe.REPAIRS; () is plain post-training ternarization.
+    include_fp: also the FP-weight reference at each activation setting (with BN re-estimation
+      where a repair set uses it).
     """
 
     name: str
@@ -63,21 +71,20 @@ class SweepConfig:
     first_last: tuple = ("fp",)
     repairs: tuple = ((),)
     include_fp: bool = True
-    num_calib: int = 256
-    num_repair: int = 2048
-    num_fit: int = 512
-    augment_repair_images: bool = True  # see PTQConfig.augment_repair_images
+    recipe: QuantRecipe = QuantRecipe()
     # Also evaluate each ternary point with its group scales rounded to the integer path's int8
     # multipliers (alpha_g ~ m_g * s_k, fgq_jax.integer): column top1_rounded_multipliers.
     integer_rounding: bool = False
-    calibration: Calibration = Calibration()
     test_split: str = "test"
-    test_limit: int | None = None  # smoke tests only: evaluate the first n test images
+    test_limit: int | None = None  # smoke tests only: evaluate n test images
     calib_split: str = "train"
-    seed: int = 0
     batch_size: int = 500
 
     def __post_init__(self):
+        if isinstance(self.recipe, Mapping):
+            object.__setattr__(self, "recipe", QuantRecipe.make(**self.recipe))
+        if not isinstance(self.recipe, QuantRecipe):
+            raise ValueError(f"SweepConfig.recipe must be a QuantRecipe, got {self.recipe!r}")
         for m in self.methods:
             if m not in METHODS:
                 raise ValueError(f"unknown sweep method {m!r}; known: {sorted(METHODS)}")
@@ -88,72 +95,42 @@ class SweepConfig:
         for n in self.group_sizes:
             if n not in ("channel", "tensor") and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
                 raise ValueError(f"group size must be an int >= 1, 'channel' or 'tensor', got {n!r}")
+        if self.batch_size < 1 or (self.test_limit is not None and self.test_limit < 1):
+            raise ValueError(f"batch_size and test_limit must be >= 1, got {self.batch_size}, {self.test_limit}")
+        # every point's recipe is built (and so validated) now, before any model or data is loaded
+        object.__setattr__(self, "_points", tuple(self._grid()))
+
+    def _grid(self):
+        bn_variants = sorted({("bn_reestimate",) if "bn_reestimate" in r else () for r in self.repairs})
+        for act in self.act_bits:
+            if self.include_fp:  # FP weights; with BN re-estimation too when a repair set uses it
+                for rep in bn_variants:
+                    yield self._recipe("fp", None, act, "fp", rep)
+            for first_last, method, n, rep in itertools.product(
+                self.first_last, self.methods, self.group_sizes, self.repairs
+            ):
+                yield self._recipe(method, n, act, first_last, rep)
+
+    def _recipe(self, method, n, act, first_last, rep) -> QuantRecipe:
+        ternary, asym = (method, False) if method == "fp" else METHODS[method]
+        return self.recipe.replace(
+            method=ternary, asymmetric=asym, group_size=n, act_bits=act, first_last=first_last,
+            **{r: r in rep for r in REPAIRS},
+        )
+
+    def points(self) -> list[QuantRecipe]:
+        """Every point of the grid, FP references first at each activation setting; ordered by
+        activation setting so each compiled forward is reused back to back."""
+        return list(self._points)
 
 
-def group_size_value(n):
-    """Sweep spelling -> the ternary API's group_size."""
-    return None if n == "tensor" else n
+def point_key(model: str, row_or_recipe) -> tuple[str, ...]:
+    """The CSV key of a point (model + the recipe's key columns, CSV-spelled)."""
+    key = row_or_recipe.key() if isinstance(row_or_recipe, QuantRecipe) else row_or_recipe
+    return (model, *(fileio.format_value(key[c]) for c in RECIPE_KEY))
 
 
-def sweep_points(cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Every point of the grid as the key columns of its row, FP references first.
-
-    Points are ordered by activation setting so each compiled forward is reused back to back.
-    """
-    points = []
-    bn_variants = sorted({("bn_reestimate",) if "bn_reestimate" in r else () for r in cfg.repairs})
-    for act in cfg.act_bits:
-        if cfg.include_fp:  # FP weights; with BN re-estimation too when a repair set uses it
-            points += [_point(cfg, "fp", "fp", act, "fp", rep) for rep in bn_variants]
-        for first_last, method, n, rep in itertools.product(
-            cfg.first_last, cfg.methods, cfg.group_sizes, cfg.repairs
-        ):
-            points.append(_point(cfg, method, n, act, first_last, rep))
-    return points
-
-
-def _point(cfg, method, n, act, first_last, rep) -> dict[str, Any]:
-    return {
-        "model": cfg.model,
-        "method": method,
-        "group_size": n,
-        "act_bits": "fp" if act is None else act,
-        "first_last": first_last,
-        "bn_reestimate": "bn_reestimate" in rep,
-        "bias_correct": "bias_correct" in rep,
-        "scale_fit": "scale_fit" in rep,
-    }
-
-
-def point_key(row) -> tuple[str, ...]:
-    return tuple(results.format_value(row[c]) if not isinstance(row[c], str) else row[c]
-                 for c in KEY_COLUMNS)
-
-
-def ptq_config(point, cfg: SweepConfig) -> PTQConfig:
-    act = None if point["act_bits"] == "fp" else int(point["act_bits"])
-    if point["method"] == "fp":
-        return PTQConfig(method="fp", group_size=None, act_bits=act, calibration=cfg.calibration,
-                         bn_reestimate=point["bn_reestimate"], seed=cfg.seed,
-                         augment_repair_images=cfg.augment_repair_images)
-    method, asym = METHODS[point["method"]]
-    return PTQConfig(
-        method=method,
-        group_size=group_size_value(point["group_size"]),
-        asymmetric=asym,
-        act_bits=act,
-        first_last=point["first_last"],
-        bn_reestimate=point["bn_reestimate"],
-        bias_correct=point["bias_correct"],
-        scale_fit=point["scale_fit"],
-        calibration=cfg.calibration,
-        num_fit=cfg.num_fit,
-        augment_repair_images=cfg.augment_repair_images,
-        seed=cfg.seed,
-    )
-
-
-def accounting_columns(spec, variables, ptq: PTQConfig) -> dict[str, float]:
+def accounting_columns(spec, variables, recipe: QuantRecipe) -> dict[str, float]:
     """Multiplications eliminated, bits per weight and the paper's speedup model for one point.
 
     mult_eliminated_pct and potential_speedup are for the whole network (full-precision first/last
@@ -162,9 +139,7 @@ def accounting_columns(spec, variables, ptq: PTQConfig) -> dict[str, float]:
     over every conv/dense kernel.
     """
     layers = accounting.layer_shapes(spec.module, variables, spec.input_shape)
-    quant = {}
-    if ptq.method != "fp":
-        quant = transforms.quantized_paths(variables["params"], weight_rules(spec, ptq))
+    quant = transforms.quantized_paths(variables["params"], recipe.rules(spec.first_layer, spec.last_layer))
     report = accounting.count_ops(layers, quant, scale_bits=16)
     ternary = [r for r in report.rows if r.quant.startswith("ternary")]
     t_macs = sum(r.macs for r in ternary)
@@ -176,47 +151,6 @@ def accounting_columns(spec, variables, ptq: PTQConfig) -> dict[str, float]:
         "model_bits_per_weight": report.bits_per_weight,
         "potential_speedup": report.potential_speedup,
     }
-
-
-def load_model(cfg: SweepConfig):
-    """(ModelSpec, FP variables) from the config's checkpoint."""
-    from fgq_jax.models import get_model
-
-    spec = get_model(cfg.model)
-    path = Path(cfg.checkpoint.format(shared=_shared_dir()))
-    if not path.is_absolute():
-        path = results.REPO_ROOT / path
-    if path.is_dir():
-        from fgq_jax.checkpoint import load_variables
-
-        variables, _ = load_variables(path)
-    else:
-        from fgq_jax.convert import convert_torch_checkpoint
-
-        params, batch_stats = convert_torch_checkpoint(path, cfg.model)
-        variables = {"params": params, "batch_stats": batch_stats}
-    return spec, variables
-
-
-def _shared_dir() -> str:
-    from fgq_jax.data import default_shared_dir
-
-    return str(default_shared_dir())
-
-
-def sample_images(cfg: SweepConfig):
-    """Unlabeled training images for calibration (first num_calib) and repairs (num_repair)."""
-    from fgq_jax.data import load_arrays
-
-    images, _ = load_arrays(cfg.dataset, cfg.calib_split)
-    n = max(cfg.num_calib, cfg.num_repair)
-    if n > images.shape[0]:
-        raise ValueError(f"{cfg.calib_split} split has {images.shape[0]} images; {n} requested")
-    # A uniformly random subset in random order: the split is stored sorted by class, so any
-    # prefix of a sorted index set would be a class-biased sample (BN statistics then suffer).
-    idx = np.random.default_rng(cfg.seed).permutation(images.shape[0])[:n]
-    sample = images[idx]
-    return sample[: cfg.num_calib], sample[: cfg.num_repair]
 
 
 def _previous_runs(json_path: Path) -> list[dict]:
@@ -235,9 +169,33 @@ def _previous_runs(json_path: Path) -> list[dict]:
 
 
 def results_paths(cfg: SweepConfig, out_root=None) -> tuple[Path, Path]:
-    root = Path(out_root) if out_root else results.REPO_ROOT / "results"
+    root = Path(out_root) if out_root else fileio.REPO_ROOT / "results"
     base = root / cfg.dataset / cfg.model / cfg.name
     return base.with_suffix(".csv"), base.with_suffix(".json")
+
+
+def point_row(cfg: SweepConfig, recipe: QuantRecipe, spec, variables_fp, result, **extra) -> dict:
+    """The results row of one evaluated point: its key and settings derived from the recipe, its
+    accuracy (an `EvalResult`), and the accounting columns."""
+    act, rep = recipe.activations, recipe.repairs
+    cal = act.calibration
+    return {
+        "model": cfg.model,
+        **recipe.key(),
+        "top1": result.top1,
+        "top5": result.top5,
+        **accounting_columns(spec, variables_fp, recipe),
+        "dataset": cfg.dataset,
+        "experiment": cfg.name,
+        "num_test": result.num_images,
+        "num_calib": act.num_calib if act.bits else 0,
+        "num_repair": rep.num_repair if rep.any else 0,
+        "num_fit": rep.num_fit if rep.scale_fit else 0,
+        "calibration": cal.method + ("+pow2" if cal.pow2 else ""),
+        "seed": recipe.seed,
+        "eval_images_per_s": result.images_per_s,
+        **extra,
+    }
 
 
 def run_sweep(
@@ -250,75 +208,60 @@ def run_sweep(
     plots: bool = True,
     progress: bool = True,
     evaluators: dict | None = None,
+    mesh=None,
 ) -> Path:
     """Evaluate every unfinished point of `cfg` (this worker's share); returns the CSV path.
 
     evaluators: optional dict that receives the compiled `Evaluator` of each activation setting
     (keyed by its ActConfig), e.g. to check how often the forward was compiled.
+    mesh: optional `jax.sharding.Mesh`; evaluation shards each batch over it (`fgq_jax.distributed`).
     """
-    from tqdm.auto import tqdm
-
-    from fgq_jax.data import load_arrays
-    from fgq_jax.distributed import append_rows_locked, partition_points
-
     if not 0 <= worker < num_workers:
         raise ValueError(f"worker index {worker} out of range for {num_workers} workers")
     csv_path, json_path = results_paths(cfg, out_root)
-    done = {point_key(r) for r in results.read_csv(csv_path)}
-    points = partition_points(sweep_points(cfg), worker, num_workers)
-    todo = [p for p in points if point_key(p) not in done]
+    done = {point_key(cfg.model, r) for r in fileio.read_csv(csv_path)}
+    points = partition_points(cfg.points(), worker, num_workers)
+    todo = [p for p in points if point_key(cfg.model, p) not in done]
     meta = results.run_metadata(
-        seed=cfg.seed, experiment=dataclasses.asdict(cfg), config_file=config_file
+        seed=cfg.recipe.seed, experiment=dataclasses.asdict(cfg), config_file=config_file
     )
-    runs = None  # metadata of every run that wrote rows to this CSV, this one last
+
+    def write_json(rows):  # under the CSV's lock: the JSON always matches the CSV
+        runs = _previous_runs(json_path)
+        runs = runs if meta in runs else runs + [meta]
+        fileio.write_json(json_path, {"metadata": meta, "runs": runs, "rows": list(rows)})
+
     if todo:
-        spec, variables_fp = load_model(cfg)
+        spec, variables_fp = load_model(cfg.model, cfg.checkpoint)
         test_x, test_y = load_arrays(cfg.dataset, cfg.test_split, limit=cfg.test_limit)
-        calib, repair = sample_images(cfg)
+        calib, repair = sample_images(cfg.dataset, cfg.calib_split, cfg.recipe)
         evaluators = {} if evaluators is None else evaluators
         bar = tqdm(todo, desc=cfg.name, unit="point", disable=not progress)
-        for point in bar:
+        for recipe in bar:
             t0 = time.perf_counter()
-            bar.set_postfix_str(_describe(point))
-            ptq = ptq_config(point, cfg)
-            q = quantize_model(spec, variables_fp, ptq, calib, repair)
+            bar.set_postfix_str(recipe.describe())
+            q = quantize_model(spec, variables_fp, recipe, calib, repair)
             quant_seconds = time.perf_counter() - t0
             ev = evaluators.get(q.act_cfg)
             if ev is None:
-                ev = evaluators[q.act_cfg] = Evaluator(spec.module, spec.dataset_family, q.act_cfg)
+                ev = evaluators[q.act_cfg] = Evaluator(spec.module, spec.dataset_family, q.act_cfg, mesh=mesh)
             r = ev(q.variables, test_x, test_y, q.act_steps, batch_size=cfg.batch_size,
-                   progress=_describe(point) if progress else False)
+                   progress=recipe.describe() if progress else False)
+            extra = {}
             if cfg.integer_rounding and q.ternary_params is not None:
                 r_int = ev(rounded_variables(q), test_x, test_y, q.act_steps,
                            batch_size=cfg.batch_size, progress=False)
-                point = {**point, "top1_rounded_multipliers": r_int.top1}
-            row = {
-                **point,
-                "top1": r.top1,
-                "top5": r.top5,
-                **accounting_columns(spec, variables_fp, ptq),
-                "dataset": cfg.dataset,
-                "experiment": cfg.name,
-                "num_test": r.num_images,
-                "num_calib": cfg.num_calib if ptq.act_bits else 0,
-                "num_repair": cfg.num_repair if (ptq.bn_reestimate or ptq.bias_correct or ptq.scale_fit) else 0,
-                "num_fit": cfg.num_fit if ptq.scale_fit else 0,
-                "calibration": f"{cfg.calibration.method}" + ("+pow2" if cfg.calibration.pow2 else ""),
-                "seed": cfg.seed,
-                "eval_images_per_s": r.images_per_s,
-                "quant_seconds": quant_seconds,
-                "point_seconds": time.perf_counter() - t0,
+                extra["top1_rounded_multipliers"] = r_int.top1
+            row = point_row(
+                cfg, recipe, spec, variables_fp, r, **extra,
+                quant_seconds=quant_seconds, point_seconds=time.perf_counter() - t0,
                 # which run made this row: a resumed or extended sweep mixes runs (see "runs")
-                "git_revision": meta["git_revision"],
-                "date": meta["date"],
-            }
-            rows = append_rows_locked(csv_path, [row], KEY_COLUMNS, COLUMNS)
-            if runs is None:
-                runs = _previous_runs(json_path) + [meta]
-            results.write_json(json_path, {"metadata": meta, "runs": runs, "rows": rows})
-    rows = results.read_csv(csv_path)
+                git_revision=meta["git_revision"], date=meta["date"],
+            )
+            fileio.append_rows_locked(csv_path, [row], KEY_COLUMNS, COLUMNS, then=write_json)
+    rows = fileio.read_csv(csv_path)
     if rows and not json_path.exists():
-        results.write_json(json_path, {"metadata": meta, "runs": [meta], "rows": rows})
+        write_json(rows)
     if plots and rows:
         from fgq_jax import plots as plots_lib
 
@@ -328,19 +271,8 @@ def run_sweep(
 
 def rounded_variables(q) -> dict:
     """q's variables with every ternary kernel's scales rounded to int8 multipliers (repairs kept)."""
-    import jax
-
-    from fgq_jax.integer import rounded_fake_quant
-    from fgq_jax.ternary import TernaryTensor
-
-    is_tt = lambda x: isinstance(x, TernaryTensor)  # noqa: E731
     params = jax.tree.map(
-        lambda t, v: rounded_fake_quant(t) if is_tt(t) else v,
-        q.ternary_params, q.variables["params"], is_leaf=is_tt,
+        lambda t, v: rounded_fake_quant(t) if is_ternary(t) else v,
+        q.ternary_params, q.variables["params"], is_leaf=is_ternary,
     )
     return {**q.variables, "params": params}
-
-
-def _describe(point) -> str:
-    rep = "+".join(k for k in REPAIRS if point[k]) or "no-repair"
-    return f"{point['method']} N={point['group_size']} a{point['act_bits']} fl={point['first_last']} {rep}"

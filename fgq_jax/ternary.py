@@ -3,7 +3,8 @@
 Everything here is pure ``jax.numpy`` and jit-able; the kernel may be traced, the group size,
 method and grouping are static.
 
-Grouping rule (see docs/CONTRACT.md). Kernels use the Flax layout: conv ``(kh, kw, cin, cout)``,
+Grouping rule (this module is its only implementation: ``group_ids`` / ``group_onehot`` expose it to
+the integer path and the repairs). Kernels use the Flax layout: conv ``(kh, kw, cin, cout)``,
 dense ``(in, out)``; the last axis is the output channel. For each output channel the other axes
 are flattened row-major (``cin`` fastest) into its reduction vector of length ``L = kh*kw*cin``:
 
@@ -69,6 +70,10 @@ __all__ = [
     "quantize_int8_weights_ste",
     "normalize_group_size",
     "check_kernel_shape",
+    "group_ids",
+    "group_onehot",
+    "is_ternary",
+    "dequantize_tree",
 ]
 
 GroupSize = Union[int, None, Literal["channel"]]
@@ -188,6 +193,33 @@ class _Layout:
         return self.groups_per_channel * self.n - self.length
 
 
+def group_ids(shape, group_size: GroupSize, grouping: str = "input") -> np.ndarray:
+    """Group index of each element of an output channel's reduction vector, int64 [L].
+
+    ``L = prod(shape[:-1])``; the reduction vector is the row-major flatten of all kernel axes but
+    the last (conv ``(kh, kw, cin)`` with cin fastest; dense ``(in,)``). ``grouping="input"``: int N
+    -> ``i // N`` (last group shorter when N does not divide L); "channel" or None -> one group (None
+    shares it over the output channels too). ``grouping="kernel"``: ``i % cin``, one group per
+    input channel (the kh*kw taps of a (cin, cout) pair). The same groups for every output channel.
+    """
+    shape = tuple(int(s) for s in shape)
+    check_kernel_shape(shape)
+    _check_grouping(grouping)
+    lay = _Layout(shape, None if grouping == "kernel" else normalize_group_size(group_size), grouping)
+    idx = np.arange(lay.length)
+    if grouping == "kernel":
+        return idx % shape[-2]
+    if lay.group_size is None:
+        return np.zeros(lay.length, np.int64)
+    return idx // lay.n
+
+
+def group_onehot(shape, group_size: GroupSize, grouping: str = "input") -> np.ndarray:
+    """E float32 [L, G]: E[l, g] = 1 when element l of a reduction vector is in group g."""
+    gid = group_ids(shape, group_size, grouping)
+    return np.eye(int(gid.max()) + 1, dtype=np.float32)[gid]
+
+
 def _to_groups(kernel: jax.Array, lay: _Layout) -> tuple[jax.Array, jax.Array]:
     """kernel -> (groups f32 [..., n], mask bool broadcastable to groups).
 
@@ -280,6 +312,16 @@ class TernaryTensor:
         """alpha * t as a float array of the kernel's shape (``dtype``, default float32)."""
         return _dequantize_jit(self.codes, self.scales, self.neg_scales, self._layout,
                                jnp.dtype(dtype))
+
+
+def is_ternary(x: Any) -> bool:
+    """True for a :class:`TernaryTensor` (the ``is_leaf`` of every tree walk over ternary trees)."""
+    return isinstance(x, TernaryTensor)
+
+
+def dequantize_tree(tree: Any) -> Any:
+    """Replace every TernaryTensor leaf by its float kernel (the fake-quant tree for model.apply)."""
+    return jax.tree.map(lambda x: x.dequantize() if is_ternary(x) else x, tree, is_leaf=is_ternary)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

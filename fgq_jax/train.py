@@ -536,7 +536,7 @@ def make_apply_fn(module, act_cfg=None) -> ApplyFn:
             return module.apply(variables, x, train=train, mutable=mutable)
 
         return plain
-    from fgq_jax.evaluate import quantized_apply
+    from fgq_jax.intercept import quantized_apply
 
     def apply(variables, x, act_steps, *, train=False, mutable=False):
         return quantized_apply(module, variables, x, act_cfg, act_steps, train=train, mutable=mutable)
@@ -712,7 +712,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    from fgq_jax.results import atomic_write_text
+    from fgq_jax.fileio import atomic_write_text
 
     atomic_write_text(path, text)
 
@@ -800,7 +800,8 @@ def calibrate_act_steps(
     weights the training starts from. Returns (ActConfig, {layer_path: float32 step}).
     """
     from fgq_jax import activations
-    from fgq_jax.evaluate import ActConfig, capture_layer_io, linear_layer_paths
+    from fgq_jax.activations import ActConfig
+    from fgq_jax.intercept import capture_layer_io, linear_layer_paths
 
     wanted = set(layers)
     order = [p for p in linear_layer_paths(module, variables, images.shape[1:]) if p in wanted]
@@ -973,7 +974,7 @@ def fit(
 
     history: list[dict[str, Any]]
     if saved_step is not None:
-        from fgq_jax.evaluate import ActConfig
+        from fgq_jax.activations import ActConfig
 
         act_cfg = ActConfig(tuple((p, int(b), bool(s)) for p, b, s in saved_meta["act_layers"]))
         dummy_steps = {p: 1.0 for p in act_cfg.paths}
@@ -998,7 +999,7 @@ def fit(
         print(f"[fgq-train] resumed from step {saved_step} of {total_steps} ({_ckpt_dir(workdir)})", file=sys.stderr)
     else:
         resumed_from = None
-        from fgq_jax.evaluate import ActConfig
+        from fgq_jax.activations import ActConfig
 
         act_cfg, act_steps = ActConfig(), {}
         start_vars = dict(init_variables)
@@ -1329,6 +1330,7 @@ def write_results(
     meta: the run's metadata (``results.run_metadata``) taken when it started, so that the git
     revision is that of the code that ran; None takes it now.
     """
+    from fgq_jax import fileio
     from fgq_jax import results as results_lib
 
     cfg = summary["config"]
@@ -1360,8 +1362,8 @@ def write_results(
             runs = []
     runs.append(_to_py(record))
     runs.sort(key=lambda r: r["config"]["seed"])
-    results_lib.write_json(paths["json"], {"kind": "finetune", "columns": list(CSV_COLUMNS), "runs": runs})
-    results_lib.write_csv(paths["csv"], [r["row"] for r in runs], CSV_COLUMNS)
+    fileio.write_json(paths["json"], {"kind": "finetune", "columns": list(CSV_COLUMNS), "runs": runs})
+    fileio.write_csv(paths["csv"], [r["row"] for r in runs], CSV_COLUMNS)
     _plot(paths["png"], summary, fp_top1, fp_history)
     return paths
 

@@ -141,18 +141,14 @@ def path_to_str(path: Sequence[Any]) -> str:
     return "/".join(_key_str(k) for k in keys)
 
 
-def _is_ternary(x: Any) -> bool:
-    return isinstance(x, ternary.TernaryTensor)
-
-
 def _flatten(params: Any):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_ternary)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=ternary.is_ternary)
     return [(path_to_str(p), x) for p, x in leaves], treedef
 
 
 def _match(path: str, leaf: Any, rules: Sequence[Rule]) -> Quant:
     """The quantizer for one leaf: first matching rule, only for real arrays with >= 2 axes."""
-    if _is_ternary(leaf) or getattr(leaf, "ndim", 0) < 2:
+    if ternary.is_ternary(leaf) or getattr(leaf, "ndim", 0) < 2:
         return None
     for rule in rules:
         if rule.matches(path):

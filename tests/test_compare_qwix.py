@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from fgq_jax.data import default_shared_dir
+from fgq_jax.recipe import QuantRecipe
 
 SHARED = default_shared_dir()
 CKPT = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
@@ -25,9 +26,7 @@ def test_tiny_comparison(tmp_path):
         fp_rows=("fp32",),
         fgq_rows=("weight-only",),  # no activation calibration: keeps the test fast
         qwix_modes=("w8a8-dynamic", "w8a8-static", "w4a8-dynamic", "w4-weight-only"),
-        num_calib=32,
-        num_repair=32,
-        num_fit=32,
+        recipe=QuantRecipe.make(num_calib=32, num_repair=32, num_fit=32),
         test_subset=100,
         batch_size=50,
         throughput_images=100,
@@ -68,9 +67,9 @@ def test_qwix_kernels_are_per_channel():
     """The bits column assumes qwix's conv layout: one fp32 scale per output channel."""
     import jax.numpy as jnp
     from benchmarks import compare_qwix as cq
-    from fgq_jax.sweep import SweepConfig, load_model
+    from fgq_jax.loading import load_model
 
-    spec, v = load_model(SweepConfig(name="t", model="resnet20", checkpoint=cq.DEFAULT_CHECKPOINT))
+    spec, v = load_model("resnet20", cq.DEFAULT_CHECKPOINT)
     _, qv = cq.build_qwix(spec, v, "w8a8-dynamic", None)
     kernels = cq.qwix_quantized_kernels(qv["params"])
     assert len(kernels) == 18 and "conv_init" not in kernels and "fc" not in kernels

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fgq_jax.configfile import derived_config, load_get_config
+from fgq_jax.configfile import load_config, derived_config, load_get_config
 from fgq_jax.sweep import SweepConfig
 
 BASE = '''# python -m experiments.sweep --config base.py
@@ -17,7 +17,7 @@ def get_config():
 VARIANT = '''# python -m experiments.sweep --config variant.py
 from pathlib import Path
 
-from fgq_jax.configfile import derived_config
+from fgq_jax.configfile import load_config, derived_config
 
 
 def get_config():
@@ -32,7 +32,10 @@ def test_load_and_derive(tmp_path):
     assert isinstance(base, SweepConfig) and base.group_sizes == (4, 64)
     variant = load_get_config(tmp_path / "variant.py")
     assert (variant.name, variant.group_sizes, variant.model) == ("variant", (8,), "resnet20")
-    assert derived_config(tmp_path / "base.py", seed=3).seed == 3
+    assert derived_config(tmp_path / "base.py", seed=3).recipe.seed == 3  # a recipe setting
+    cfg = load_config(tmp_path / "base.py", ["group_sizes=(16,)", "act_bits=(4,)", "num_fit=64"])
+    assert (cfg.group_sizes, cfg.act_bits, cfg.recipe.repairs.num_fit) == ((16,), (4,), 64)
+    assert {p.activations.bits for p in cfg.points()} == {4}
 
 
 def test_errors_name_the_file_or_field(tmp_path):
@@ -42,5 +45,9 @@ def test_errors_name_the_file_or_field(tmp_path):
     with pytest.raises(ValueError, match="empty.py defines no get_config"):
         load_get_config(tmp_path / "empty.py")
     (tmp_path / "base.py").write_text(BASE)
-    with pytest.raises(TypeError, match="no_such_field"):
+    with pytest.raises(ValueError, match="no_such_field"):
         derived_config(tmp_path / "base.py", no_such_field=1)
+    with pytest.raises(ValueError, match="did you mean 'group_sizes'"):
+        load_config(tmp_path / "base.py", ["group_size=(4,)x", "groupsizes=(4,)"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(tmp_path / "base.py", ["group_sizes"])

@@ -3,9 +3,7 @@ equal the 1-device run; multi-process initialisation; sweep partitioning and the
 
 from __future__ import annotations
 
-import csv
 import json
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -107,7 +105,9 @@ SPMD_SCRIPT = textwrap.dedent(
 
     # the real ResNet-20 through the lead's Evaluator, with activation quantization
     try:
-        from fgq_jax.evaluate import ActConfig, Evaluator, linear_layer_paths
+        from fgq_jax.activations import ActConfig
+        from fgq_jax.evaluate import Evaluator
+        from fgq_jax.intercept import linear_layer_paths
         from fgq_jax.models import get_model
     except ImportError as e:
         out["resnet"] = dict(skipped=str(e))
@@ -251,61 +251,3 @@ def test_partition_points_disjoint_and_complete():
     assert D.worker_from_env({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1",
                               "SLURM_ARRAY_TASK_COUNT": "8"}) == (3, 8)
     assert D.worker_from_env({}) == (0, 1)
-
-
-def _point_rows(point: int) -> list[dict]:
-    # 3 rows per point (e.g. fake-quant / rounded / integer); awkward values to exercise quoting
-    rows = [dict(point=point, variant=v, top1=100.0 / (point + 3), note=f'a,"b"\n{point}')
-            for v in ("fq", "rounded", "integer")]
-    if point % 7 == 3:  # some workers bring a new column: forces the locked rewrite path
-        for r in rows:
-            r["extra"] = point
-    return rows
-
-
-def test_append_rows_locked_concurrent(tmp_path):
-    path = str(tmp_path / "sweep" / "results.csv")
-    points = list(range(48))
-    # every point is submitted twice (a restarted worker), in different orders, by 4 processes
-    tasks = [(path, _point_rows(p), ["point", "variant"]) for p in points + points[::-1]]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(4) as pool:
-        results = pool.starmap(D.append_rows_locked, tasks, chunksize=1)
-    assert sum(r.written for r in results) == 3 * len(points)
-    # each call returned a consistent snapshot that contains its own rows
-    for (_, rws, _), snap in zip(tasks, results):
-        assert {(str(r["point"]), r["variant"]) for r in rws} <= {(r["point"], r["variant"]) for r in snap}
-    rows = D.read_rows(path)
-    with open(path, newline="") as f:
-        body = list(csv.reader(f))
-    assert len(body) == 1 + 3 * len(points)  # one header, no blank or torn lines
-    assert all(len(r) == len(body[0]) for r in body)
-    keys = [(r["point"], r["variant"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 3 * len(points)
-    assert {int(p) for p, _ in keys} == set(points)
-    r = next(r for r in rows if r["point"] == "10" and r["variant"] == "fq")
-    assert r["note"] == 'a,"b"\n10' and r["top1"] == f"{100.0 / 13:.4f}"
-    assert "extra" in body[0]
-    assert next(r for r in rows if r["point"] == "3")["extra"] == "3"
-    # appending the same rows again writes nothing and returns the whole file
-    again = D.append_rows_locked(path, _point_rows(5), ["point", "variant"])
-    assert again.written == 0 and len(again) == 3 * len(points)
-
-
-def test_append_rows_locked_columns_and_formatting(tmp_path):
-    path = tmp_path / "r.csv"
-    cols = ["model", "n", "flag", "top1", "none"]
-    out = D.append_rows_locked(path, [dict(top1=91.23456, n=4, model="r20", flag=True, none=None,
-                                           more="x")], ["model", "n", "flag"], cols)
-    assert out.written == 1
-    with open(path) as f:
-        assert f.readline().strip() == "model,n,flag,top1,none,more"
-    assert out[0] == dict(model="r20", n="4", flag="true", top1="91.2346", none="", more="x")
-    # same key spelled the same way by the sweep's point_key -> not appended twice
-    assert D.append_rows_locked(path, [dict(model="r20", n=4, flag=True, top1=1.0)],
-                                ["model", "n", "flag"], cols).written == 0
-    # a file without a final newline (written by hand) still gets clean rows
-    with open(path, "a") as f:
-        f.write("r20,5,false,1.0,,")
-    out = D.append_rows_locked(path, [dict(model="r20", n=6, flag=False)], ["model", "n", "flag"])
-    assert [r["n"] for r in out] == ["4", "5", "6"] and out.written == 1

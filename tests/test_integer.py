@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fgq_jax import integer as I
+from fgq_jax.ternary import group_ids
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -40,7 +41,7 @@ class _StandInTT:
     grouping: str = "input"
 
     def dequantize(self, dtype=jnp.float32):
-        gid = I.group_ids(self.codes.shape, self.group_size, self.grouping)
+        gid = group_ids(self.codes.shape, self.group_size, self.grouping)
         L, K = gid.size, self.codes.shape[-1]
         G = gid.max() + 1
         a = np.broadcast_to(self.scales, (G, K))[gid]
@@ -54,7 +55,7 @@ def _standin_ternarize(kernel, group_size, asymmetric=False, grouping="input"):
     """TWN-style per-group ternarization (threshold 0.7 mean|w|, scale = mean |w| of the kept)."""
     w = np.asarray(kernel, np.float64)
     L, K = int(np.prod(w.shape[:-1])), w.shape[-1]
-    gid = I.group_ids(w.shape, group_size, grouping)
+    gid = group_ids(w.shape, group_size, grouping)
     G = gid.max() + 1
     w2 = w.reshape(L, K)
     shared = group_size is None and grouping == "input"
@@ -128,11 +129,11 @@ GROUPS = [1, 4, 7, 64, "channel", None]  # 7 does not divide L = 3*3*12 = 108
 # ------------------------------------------------------------------------------------------ grouping
 def test_group_ids():
     shape = (3, 3, 4, 5)  # L = 36
-    np.testing.assert_array_equal(I.group_ids(shape, 8), np.arange(36) // 8)  # last group 4 long
-    assert I.group_ids(shape, 8).max() == 4
-    assert I.group_ids(shape, 100).max() == 0
-    assert I.group_ids(shape, None).max() == 0 and I.group_ids(shape, "channel").max() == 0
-    np.testing.assert_array_equal(I.group_ids(shape, None, "kernel"), np.arange(36) % 4)
+    np.testing.assert_array_equal(group_ids(shape, 8), np.arange(36) // 8)  # last group 4 long
+    assert group_ids(shape, 8).max() == 4
+    assert group_ids(shape, 100).max() == 0
+    assert group_ids(shape, None).max() == 0 and group_ids(shape, "channel").max() == 0
+    np.testing.assert_array_equal(group_ids(shape, None, "kernel"), np.arange(36) % 4)
 
 
 # ------------------------------------------------------------------------------------------ folding
@@ -431,7 +432,8 @@ def test_integer_apply_small_model(group_size):
 def test_integer_apply_resnet20_with_act_cfg():
     """The CIFAR ResNet-20 of fgq_jax.models on the integer path, with evaluate's ActConfig."""
     models = pytest.importorskip("fgq_jax.models")
-    evaluate = pytest.importorskip("fgq_jax.evaluate")
+    from fgq_jax import intercept as evaluate
+    from fgq_jax.activations import ActConfig
     spec = models.get_model("resnet20")
     module = spec.module
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -449,7 +451,7 @@ def test_integer_apply_resnet20_with_act_cfg():
     assert sorted(folded) == sorted(layers)
     rounded = {**variables, "params": I.rounded_fake_quant_tree(tparams)}
     steps = _calibrate_steps(module, rounded, x, layers + [spec.last_layer])
-    cfg = evaluate.ActConfig(tuple((p, 8, False) for p in layers + [spec.last_layer]))
+    cfg = ActConfig(tuple((p, 8, False) for p in layers + [spec.last_layer]))
     # (whole-model bit-exactness with the emulation is checked on the small model above)
     y_int = I.make_integer_forward(module, "integer", act_cfg=cfg)(variables, folded, steps, x)
     with jax.default_matmul_precision("highest"):

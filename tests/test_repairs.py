@@ -7,7 +7,9 @@ import pytest
 
 from fgq_jax import repairs
 from fgq_jax.data import normalize
-from fgq_jax.evaluate import ActConfig, capture_layer_io
+from fgq_jax.activations import ActConfig
+from fgq_jax.intercept import capture_layer_io
+from fgq_jax.ternary import group_onehot
 from fgq_jax.ptq import dequantize_tree
 from fgq_jax.ternary import ternarize
 
@@ -105,7 +107,7 @@ def test_fit_scales_is_the_least_squares_solution(setup, group_size, asym):
     w = np.asarray(p["conv"]["kernel"], np.float64).reshape(-1, 8)
     target = patches @ w
     codes = np.asarray(tt.codes, np.float64).reshape(-1, 8)
-    E = repairs.group_onehot(tt.codes.shape, group_size)
+    E = group_onehot(tt.codes.shape, group_size)
     err_fit = err_orig = 0.0
     for k in range(8):
         cols = [E * (codes[:, k:k + 1] == 1), -E * (codes[:, k:k + 1] == -1)] if asym else [E * codes[:, k:k + 1]]

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from experiments import report
-from fgq_jax.results import write_csv
+from fgq_jax.fileio import write_csv
 
 COLUMNS = ("method", "group_size", "act_bits", "bn_reestimate", "bias_correct", "scale_fit", "top1",
            "quantized_mult_eliminated_pct", "bits_per_weight")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fgq_jax import sweep
+from fgq_jax.recipe import QuantRecipe
 from fgq_jax.data import default_shared_dir
 
 SHARED = default_shared_dir()
@@ -32,9 +33,7 @@ def small_config(**kw):
         act_bits=(8,),
         methods=("exact", "twn"),
         repairs=((),),
-        num_calib=32,
-        num_repair=64,
-        num_fit=32,
+        recipe=QuantRecipe.make(num_calib=32, num_repair=64, num_fit=32),
         test_limit=200,
         batch_size=100,
     )
@@ -44,17 +43,20 @@ def small_config(**kw):
 
 def test_grid_and_validation():
     cfg = small_config(act_bits=(None, 8), repairs=((), ("bn_reestimate",)))
-    points = sweep.sweep_points(cfg)
+    points = cfg.points()
     # per activation setting: 2 FP references (plain, BN re-estimated) + 2 methods x 3 N x 2 repairs
     assert len(points) == 2 * (2 + 2 * 3 * 2)
-    assert len({sweep.point_key(p) for p in points}) == len(points)
-    assert points[0]["method"] == "fp" and points[0]["group_size"] == "fp"
+    assert len({sweep.point_key(cfg.model, p) for p in points}) == len(points)
+    assert points[0].key()["method"] == "fp" and points[0].key()["group_size"] == "fp"
+    assert all(p.activations.num_calib == 32 and p.repairs.num_fit == 32 for p in points)
     with pytest.raises(ValueError, match="unknown sweep method"):
         small_config(methods=("nope",))
     with pytest.raises(ValueError, match="unknown repair"):
         small_config(repairs=(("magic",),))
     with pytest.raises(ValueError, match="group size"):
         small_config(group_sizes=(0,))
+    with pytest.raises(ValueError, match="act_bits"):  # every point's recipe validated at construction
+        small_config(act_bits=(99,))
 
 
 @needs_shared
@@ -97,7 +99,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
             return SweepConfig(name="resume", model="resnet20",
                                checkpoint="{shared}/models/cifar-resnet/resnet20-12fca82f.th",
                                group_sizes=(1, 2, 3, 4, 5, 6), act_bits=(None,), methods=("exact",),
-                               num_calib=32, num_repair=32, test_limit=100, batch_size=100)
+                               recipe=dict(num_calib=32, num_repair=32), test_limit=100, batch_size=100)
     """))
     out = tmp_path / "out"
     csv_path = out / "cifar10_jpeg" / "resnet20" / "resume.csv"
@@ -115,7 +117,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
     assert 2 <= len(partial) < 7
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = list(csv.DictReader(open(csv_path)))
-    keys = [sweep.point_key(r) for r in rows]
+    keys = [sweep.point_key("resnet20", r) for r in rows]
     assert len(rows) == 7 and len(set(keys)) == 7
     # the points finished before the kill were kept, not recomputed
     assert [r["point_seconds"] for r in rows[: len(partial)]] == [r["point_seconds"] for r in partial]

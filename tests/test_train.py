@@ -241,7 +241,7 @@ def test_distillation_loss_matches_numpy():
 # STE: gradients reach the latent weights
 # --------------------------------------------------------------------------------------------------
 def test_ste_gradient_reaches_latent_weights():
-    from fgq_jax.evaluate import ActConfig
+    from fgq_jax.activations import ActConfig
 
     cfg, spec = tiny_config(), tiny_spec()
     v = np_init(spec.module)

@@ -1,6 +1,7 @@
 # python -m experiments.sweep --config experiments/configs/repairs_plain_images_resnet20.py
 """Ablation: the label-free repairs with plain (not augmented) unlabeled images, at the
 issue's target point (N=4, 8-bit activations) and N=64. Shows why the repairs augment their images."""
+from fgq_jax.recipe import QuantRecipe
 from fgq_jax.sweep import SweepConfig
 
 
@@ -15,5 +16,5 @@ def get_config() -> SweepConfig:
         methods=("exact",),
         first_last=("fp",),
         repairs=(("bn_reestimate",), ("bn_reestimate", "bias_correct", "scale_fit")),
-        augment_repair_images=False,
+        recipe=QuantRecipe.make(augment_repair_images=False),
     )
