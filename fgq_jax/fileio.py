@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -136,14 +137,31 @@ def write_csv(path, rows, columns) -> None:
     atomic_write_text(path, csv_text(rows, columns))
 
 
-def read_csv(path) -> list[dict[str, str]]:
-    """All rows of a CSV as dicts of strings ([] when the file is missing or empty)."""
+def _read_table(path) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, complete rows) of a CSV; ([], []) when missing or empty. A row with fewer or more
+    cells than the header (a torn write, a hand edit) is skipped with a warning naming its line."""
     try:
         with open(path, newline="") as f:
-            return [{k: (v if v is not None else "") for k, v in r.items() if k is not None}
-                    for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = []
+            for r in reader:
+                if None in r or None in r.values():
+                    cells = sum(v is not None for k, v in r.items() if k is not None)
+                    cells += len(r.get(None) or [])
+                    warnings.warn(f"{path}:{reader.line_num}: row with {cells} cells for "
+                                  f"{len(header)} columns skipped (torn or hand-edited line)")
+                    continue
+                rows.append(r)
+            return header, rows
     except FileNotFoundError:
-        return []
+        return [], []
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    """All complete rows of a CSV as dicts of strings ([] when the file is missing or empty); torn
+    rows are skipped with a warning (see `_read_table`)."""
+    return _read_table(path)[1]
 
 
 class MergedRows(list):
@@ -187,14 +205,7 @@ def append_rows_locked(
     with open(f"{csv_path}.lock", "a") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
-            existing_header: list[str] = []
-            existing: list[dict[str, str]] = []
-            if csv_path.exists() and csv_path.stat().st_size > 0:
-                with open(csv_path, newline="") as f:
-                    reader = csv.DictReader(f)
-                    existing_header = list(reader.fieldnames or [])
-                    existing = [{k: (v if v is not None else "") for k, v in r.items() if k is not None}
-                                for r in reader]
+            existing_header, existing = _read_table(csv_path)  # a torn row is dropped here
             seen = {tuple(r.get(k) or "" for k in key_columns) for r in existing}
             todo = []
             for r in new:

@@ -226,10 +226,12 @@ def run_sweep(
         seed=cfg.recipe.seed, experiment=dataclasses.asdict(cfg), config_file=config_file
     )
 
+    meta_as_saved = json.loads(json.dumps(meta, default=str))  # as it reads back from the JSON
+
     def write_json(rows):  # under the CSV's lock: the JSON always matches the CSV
         runs = _previous_runs(json_path)
-        runs = runs if meta in runs else runs + [meta]
-        fileio.write_json(json_path, {"metadata": meta, "runs": runs, "rows": list(rows)})
+        runs = runs if meta_as_saved in runs else runs + [meta_as_saved]
+        fileio.write_json(json_path, {"metadata": meta_as_saved, "runs": runs, "rows": list(rows)})
 
     if todo:
         spec, variables_fp = load_model(cfg.model, cfg.checkpoint)

@@ -124,6 +124,8 @@ def check_kernel_shape(shape: tuple[int, ...], what: str = "kernel") -> None:
             f"{what} must have at least 2 axes (Flax layout (..., cin, cout) or (in, out)); "
             f"got shape {tuple(shape)} with {len(shape)} axes"
         )
+    if 0 in tuple(shape):
+        raise ValueError(f"{what} is empty (shape {tuple(shape)}): there are no weights to group")
 
 
 def _check_method(method: str) -> None:
@@ -792,11 +794,18 @@ def ternarize(
 
     Returns:
       TernaryTensor with int8 codes of the kernel's shape and float32 scales [G, cout].
+
+    Raises ValueError for a concrete kernel holding NaN/Inf (as ``transforms.quantize_params``
+    does; a traced kernel cannot be checked).
     """
     _check_grouping(grouping)
     group_size = None if grouping == "kernel" else normalize_group_size(group_size)
     _check_method(method)
     kernel = _as_float_kernel(kernel)
+    if not isinstance(kernel, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(kernel))):
+        bad = int(kernel.size - jnp.count_nonzero(jnp.isfinite(kernel)))
+        raise ValueError(f"kernel (shape {kernel.shape}) has {bad} NaN/Inf value(s); refusing to "
+                         "ternarize it (a NaN would zero its whole group, an Inf its scale)")
     return _ternarize_jit(kernel, group_size, method, bool(asymmetric), grouping)
 
 

@@ -101,3 +101,17 @@ def test_replace_dir_swaps_whole_directories(tmp_path):
         fileio.replace_dir(d, boom)
     assert sorted(q.name for q in d.iterdir()) == ["y"]
     assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]  # no temporaries left
+
+
+def test_torn_last_row_is_skipped_with_a_warning_and_healed_by_the_next_append(tmp_path):
+    path = tmp_path / "r.csv"
+    fileio.append_rows_locked(path, [dict(k=1, top1=50.0), dict(k=2, top1=60.0)], ["k"])
+    with open(path, "a") as f:
+        f.write("3")  # power loss mid-row: one cell of two, no newline
+    with pytest.warns(UserWarning, match=r"r.csv:4: row with 1 cells for 2 columns"):
+        rows = fileio.read_csv(path)
+    assert [r["k"] for r in rows] == ["1", "2"]
+    with pytest.warns(UserWarning):
+        out = fileio.append_rows_locked(path, [dict(k=4, top1=1.0)], ["k"])
+    assert [r["k"] for r in out] == ["1", "2", "4"] and out.written == 1
+    assert path.read_text() == "k,top1\n1,50.0000\n2,60.0000\n4,1.0000\n"  # healed

@@ -126,16 +126,6 @@ def ref_acc_conv(x, w_int, strides, padding, dilation=None, dtype=np.int64):
 GROUPS = [1, 4, 7, 64, "channel", None]  # 7 does not divide L = 3*3*12 = 108
 
 
-# ------------------------------------------------------------------------------------------ grouping
-def test_group_ids():
-    shape = (3, 3, 4, 5)  # L = 36
-    np.testing.assert_array_equal(group_ids(shape, 8), np.arange(36) // 8)  # last group 4 long
-    assert group_ids(shape, 8).max() == 4
-    assert group_ids(shape, 100).max() == 0
-    assert group_ids(shape, None).max() == 0 and group_ids(shape, "channel").max() == 0
-    np.testing.assert_array_equal(group_ids(shape, None, "kernel"), np.arange(36) % 4)
-
-
 # ------------------------------------------------------------------------------------------ folding
 @pytest.mark.parametrize(
     "group_size,grouping,asymmetric",

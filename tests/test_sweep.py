@@ -139,3 +139,33 @@ def test_previous_runs_of_results_json(tmp_path):
     assert [r["git_revision"] for r in sweep._previous_runs(path)] == ["a", "b"]
     path.write_text("{truncated")
     assert sweep._previous_runs(path) == []
+
+
+@needs_shared
+def test_sweep_cli_on_8_forced_cpu_devices_matches_one_device(tmp_path):
+    """--mesh shards each evaluation batch over all devices; the rows' numbers do not change."""
+    config_file = tmp_path / "cfg.py"
+    config_file.write_text(textwrap.dedent("""
+        # python -m experiments.sweep --config cfg.py
+        from fgq_jax.sweep import SweepConfig
+        def get_config():
+            return SweepConfig(name="mesh", model="resnet20",
+                               checkpoint="{shared}/models/cifar-resnet/resnet20-12fca82f.th",
+                               group_sizes=(4,), act_bits=(8,), include_fp=False,
+                               recipe=dict(num_calib=32, num_repair=32), test_limit=120,
+                               batch_size=40)
+    """))
+    tops = {}
+    for mesh in (False, True):
+        out = tmp_path / f"out{int(mesh)}"
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+        cmd = [sys.executable, "-m", "experiments.sweep", "--config", str(config_file), "--out",
+               str(out), "--no-plots", "--set", "group_sizes=(16,)"] + (["--mesh"] if mesh else [])
+        subprocess.run(cmd, cwd=REPO, check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        rows = list(csv.DictReader(open(out / "cifar10_jpeg" / "resnet20" / "mesh.csv")))
+        assert [r["group_size"] for r in rows] == ["16"]  # the --set override took effect
+        meta = json.loads((out / "cifar10_jpeg" / "resnet20" / "mesh.json").read_text())["metadata"]
+        assert len(meta["machine"]["devices"]) == 8
+        tops[mesh] = (rows[0]["top1"], rows[0]["top5"], rows[0]["num_test"])
+    assert tops[True] == tops[False]

@@ -15,6 +15,8 @@ from hypothesis.extra import numpy as hnp
 from fgq_jax import ternary as T
 from fgq_jax.ternary import (
     TernaryTensor,
+    group_ids,
+    group_onehot,
     quantize_int8_weights,
     quantize_int8_weights_ste,
     ternarize,
@@ -533,3 +535,37 @@ def test_kernel_grouping_ignores_group_size(kernel):
     b = ternarize(kernel, None, grouping="kernel")
     assert a.group_size is None
     np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("group_size", [4, "channel", None])
+def test_direct_ternarize_rejects_non_finite_kernels(bad, group_size):
+    w = np.random.default_rng(0).normal(size=(3, 3, 8, 4)).astype(np.float32)
+    w[1, 1, 2, 3] = bad
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        ternarize(w, group_size)
+
+
+def test_empty_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="empty"):
+        ternarize(np.zeros((0, 4), np.float32), 4)
+    with pytest.raises(ValueError, match="empty"):
+        group_ids((3, 3, 0, 4), 4)
+
+
+def test_group_ids_and_onehot_follow_the_layout():
+    shape = (3, 3, 4, 2)  # L = 36
+    np.testing.assert_array_equal(group_ids(shape, 8), np.arange(36) // 8)  # last group 4 long
+    assert group_ids(shape, 100).max() == 0 and group_ids(shape, "channel").max() == 0
+    np.testing.assert_array_equal(group_ids(shape, None, "kernel"), np.arange(36) % 4)
+    E = group_onehot(shape, 8)
+    assert E.shape == (36, 5) and E.sum() == 36 and (E.sum(0) == [8, 8, 8, 8, 4]).all()
+    # the same groups the ternarizer uses: one scale per group of the codes
+    w = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    tt = ternarize(w, 8)
+    assert tt.scales.shape == (E.shape[1], shape[-1])
+    deq = np.asarray(tt.dequantize()).reshape(36, 2)
+    for g in range(5):
+        mags = np.abs(deq[group_ids(shape, 8) == g])
+        for k in range(2):
+            assert len(set(mags[:, k][mags[:, k] > 0].tolist())) <= 1
