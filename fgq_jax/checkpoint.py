@@ -5,18 +5,18 @@ On-disk layout of a saved directory ``DIR``::
     DIR/metadata.json   # JSON: user metadata (model, source sha256, ...) + format, versions, git rev
     DIR/variables/      # orbax PyTreeCheckpointer checkpoint of the variables (numpy float arrays)
 
-Saving is atomic: everything is written to a temporary sibling directory that is renamed to ``DIR``
-at the end, so a crash never leaves a half-written ``DIR``. An existing ``DIR`` is only replaced with
-``overwrite=True``, and only if it is empty or itself a saved-variables directory.
+Saving is atomic (`fgq_jax.fileio.replace_dir`): a crash never leaves a half-written ``DIR``. An
+existing ``DIR`` is only replaced with ``overwrite=True``, and only if it is empty or itself a
+saved-variables directory. Every array's sha256 digest is stored in the metadata and checked on
+load, so flipped bytes are an error naming the array, never silently different numbers.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fgq_jax.fileio import replace_dir
 from fgq_jax.results import git_revision
+from fgq_jax.transforms import path_to_str
 
 FORMAT = "fgq-jax-variables"
 FORMAT_VERSION = 1
@@ -41,6 +43,31 @@ def library_versions() -> dict[str, str]:
     versions = {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__}
     versions["orbax-checkpoint"] = getattr(ocp, "__version__", "unknown")
     return versions
+
+
+def array_digest(a) -> str:
+    """sha256 (hex) of an array's dtype, shape and C-order bytes."""
+    a = np.ascontiguousarray(np.asarray(a))
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def tree_digests(tree: Any) -> dict[str, str]:
+    """{'/'-joined leaf path: array_digest} of every array leaf of a pytree."""
+    return {path_to_str(p): array_digest(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def verify_digests(tree: Any, digests: Mapping[str, str], where: str) -> None:
+    """ValueError naming `where` and the first array whose digest differs from the stored one (or
+    that is missing / unexpected): the file was damaged after it was written."""
+    now = tree_digests(tree)
+    for key in sorted(set(now) | set(digests)):
+        if now.get(key) != digests.get(key):
+            what = ("is missing" if key not in now else "was not saved" if key not in digests
+                    else "does not match its stored sha256 checksum")
+            raise ValueError(f"{where}: array {key!r} {what}: the file is damaged (or was edited); "
+                             "restore it from a good copy or write it again")
 
 
 def _is_saved_dir(path: Path) -> bool:
@@ -102,31 +129,21 @@ def save_variables(
         "format_version": FORMAT_VERSION,
         "collections": sorted(tree),
         "num_params": int(sum(x.size for x in jax.tree.leaves(tree.get("params", {})))),
+        "digests": tree_digests(tree),
     }
     try:
         meta_text = json.dumps(meta, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata is not JSON-serialisable: {e}") from e
 
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    def write(tmp: Path) -> None:
         # orbax does not save empty subtrees (AlexNet has no batch_stats); "collections" restores them.
         to_save = {k: v for k, v in tree.items() if jax.tree.leaves(v)}
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(tmp / VARIABLES_DIR, to_save)
         (tmp / METADATA_FILE).write_text(meta_text + "\n")
-        if directory.exists():  # overwrite: swap in, then delete the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.rename(directory, old / "d")
-            os.rename(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+
+    return replace_dir(directory, write)
 
 
 def restore_numpy_tree(ckpt_path: Path):
@@ -190,6 +207,8 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[
     if not ckpt_path.is_dir():
         raise ValueError(f"{directory}: {VARIABLES_DIR}/ is missing (incomplete or damaged save)")
     restored = restore_numpy_tree(ckpt_path)
+    if "digests" in metadata:  # saves from before checksums have none
+        verify_digests(dict(restored), metadata["digests"], str(ckpt_path))
     variables = {k: jax.tree.map(jnp.asarray, dict(v)) for k, v in dict(restored).items()}
     for name in metadata.get("collections", []):
         variables.setdefault(name, {})

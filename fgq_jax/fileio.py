@@ -156,6 +156,9 @@ def _read_table(path) -> tuple[list[str], list[dict[str, str]]]:
             return header, rows
     except FileNotFoundError:
         return [], []
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text at byte {e.start}: the file is damaged; restore "
+                         "it (or delete it to recompute its rows)") from None
 
 
 def read_csv(path) -> list[dict[str, str]]:

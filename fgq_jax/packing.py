@@ -17,11 +17,11 @@ the stored values (``scales.astype(float16).astype(float32)``), codes are reprod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgq_jax import checkpoint
-from fgq_jax.ternary import TernaryTensor, is_ternary
+from fgq_jax.fileio import replace_dir
+from fgq_jax.ternary import TernaryTensor, is_ternary, scales_shape
 
 __all__ = [
     "pack_codes",
@@ -214,6 +215,25 @@ def _check_target(path: Path) -> list[Path]:
     return created
 
 
+def _scales_to(scales, dtype, key: str) -> np.ndarray:
+    """Scales cast to the export dtype; a value that float16 cannot hold (overflow to inf, or a
+    nonzero scale that underflows to 0) is an error, never a silently different weight."""
+    a = _to_host(scales).astype(np.float32)
+    out = a.astype(dtype)
+    bad = ~np.isfinite(out) | ((out == 0) & (a != 0))
+    if bad.any():
+        raise ValueError(
+            f"{key}: {int(bad.sum())} scale(s) (e.g. {float(a[bad][0]):.3g}) do not fit "
+            f"{np.dtype(dtype).name}; save with scale_dtype='float32'"
+        )
+    return out
+
+
+def _leaves_digest(leaves_meta) -> str:
+    """sha256 of the canonical JSON of the leaf metadata (shapes, group sizes, asymmetry...)."""
+    return hashlib.sha256(json.dumps(leaves_meta, sort_keys=True).encode()).hexdigest()
+
+
 def _to_host(x) -> np.ndarray:
     a = np.asarray(jax.device_get(x))
     if a.dtype == object:
@@ -260,9 +280,9 @@ def save_ternary(path: str | os.PathLike, tree: Any, scale_dtype: str = "float16
             shape = tuple(int(d) for d in leaf.shape)
             if codes.shape != shape:
                 raise ValueError(f"{entry['key']}: codes shape {codes.shape} != TernaryTensor.shape {shape}")
-            store = {"packed": pack_codes(codes), "scales": _to_host(leaf.scales).astype(sdt)}
+            store = {"packed": pack_codes(codes), "scales": _scales_to(leaf.scales, sdt, entry["key"])}
             if leaf.neg_scales is not None:
-                store["neg_scales"] = _to_host(leaf.neg_scales).astype(sdt)
+                store["neg_scales"] = _scales_to(leaf.neg_scales, sdt, entry["key"])
             entry.update(
                 kind="ternary",
                 shape=list(shape),
@@ -273,6 +293,7 @@ def save_ternary(path: str | os.PathLike, tree: Any, scale_dtype: str = "float16
                 asymmetric=leaf.neg_scales is not None,
             )
             arrays[name] = store
+            entry["digest"] = checkpoint.tree_digests(store)
         elif isinstance(leaf, (str, bool, int, float)) and not isinstance(leaf, np.generic):
             entry.update(kind="python", value=leaf)
         else:
@@ -282,33 +303,31 @@ def save_ternary(path: str | os.PathLike, tree: Any, scale_dtype: str = "float16
                 entry["kind"] = "empty"  # orbax refuses zero-size arrays; shape+dtype say it all
             else:
                 arrays[name] = {"array": a}
+                entry["digest"] = checkpoint.tree_digests(arrays[name])
         leaves_meta.append(entry)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "scale_dtype": scale_dtype,
         "leaves": leaves_meta,
+        "leaves_sha256": _leaves_digest(leaves_meta),
     }
     meta_text = json.dumps(meta, separators=(",", ":"))  # compact: it counts in the export size
 
     created = _check_target(path)
-    tmp = None
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+    def write(tmp: Path) -> None:
         if arrays:
             with ocp.PyTreeCheckpointer() as ckptr:
                 ckptr.save(tmp / ARRAYS_DIR, arrays)
         (tmp / META_FILE).write_text(meta_text + "\n")
-        if path.exists():  # appeared while we were writing
-            raise FileExistsError(f"{path} already exists; refusing to overwrite it")
-        os.rename(tmp, path)
+
+    try:
+        return replace_dir(path, write, overwrite=False)
     except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         for d in reversed(created):
             shutil.rmtree(d, ignore_errors=True)
         raise
-    return path
 
 
 def _read_meta(path: Path) -> dict:
@@ -316,6 +335,20 @@ def _read_meta(path: Path) -> dict:
         path, META_FILE, FORMAT, FORMAT_VERSION,
         what="ternary export", writer="fgq_jax.packing.save_ternary",
     )
+
+
+def _check_ternary_entry(e: dict, stored: dict, path: Path) -> None:
+    """The stored scales must have the shape the metadata's grouping implies, and be present for
+    both signs exactly when the entry says asymmetric."""
+    want = list(scales_shape(e["shape"], e["group_size"], e["grouping"]))
+    for name in ("scales", "neg_scales"):
+        if name in stored and list(np.shape(stored[name])) != want:
+            raise ValueError(f"{path} ({e['key']}): {name} of shape {list(np.shape(stored[name]))} do "
+                             f"not fit group_size={e['group_size']!r}, grouping={e['grouping']!r} of "
+                             f"a {e['shape']} kernel (expected {want}); metadata and arrays disagree")
+    if bool(e.get("asymmetric")) != ("neg_scales" in stored):
+        raise ValueError(f"{path} ({e['key']}): asymmetric={e.get('asymmetric')!r} but negative "
+                         f"scales are {'present' if 'neg_scales' in stored else 'absent'}")
 
 
 def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
@@ -331,6 +364,9 @@ def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
     """
     path = Path(path).expanduser().absolute()
     meta = _read_meta(path)
+    if "leaves_sha256" in meta and _leaves_digest(meta["leaves"]) != meta["leaves_sha256"]:
+        raise ValueError(f"{path / META_FILE}: the leaf metadata does not match its sha256 checksum "
+                         "(edited or damaged); refusing to reinterpret the stored codes")
     restored: dict = {}
     if any(e["kind"] in ("ternary", "array") for e in meta["leaves"]):
         ckpt = path / ARRAYS_DIR
@@ -341,8 +377,11 @@ def load_ternary(path: str | os.PathLike, target: Any = None) -> Any:
     entries = []
     for e in meta["leaves"]:
         kind = e["kind"]
+        if e.get("digest") is not None:
+            checkpoint.verify_digests(restored[e["name"]], e["digest"], f"{path} ({e['key']})")
         if kind == "ternary":
             st = restored[e["name"]]
+            _check_ternary_entry(e, st, path)
             codes = unpack_codes(np.asarray(st["packed"], np.uint8), e["shape"])
             neg = st.get("neg_scales") if e.get("asymmetric") else None
             leaf = _make_ternary(

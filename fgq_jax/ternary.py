@@ -72,6 +72,7 @@ __all__ = [
     "check_kernel_shape",
     "group_ids",
     "group_onehot",
+    "scales_shape",
     "is_ternary",
     "dequantize_tree",
 ]
@@ -214,6 +215,16 @@ def group_ids(shape, group_size: GroupSize, grouping: str = "input") -> np.ndarr
     if lay.group_size is None:
         return np.zeros(lay.length, np.int64)
     return idx // lay.n
+
+
+def scales_shape(shape, group_size: GroupSize, grouping: str = "input") -> tuple[int, int]:
+    """Shape of the scales array of a kernel of ``shape``: [G, cout], [1, 1] per tensor, [cin, cout]
+    per kernel slice."""
+    shape = tuple(int(s) for s in shape)
+    check_kernel_shape(shape)
+    _check_grouping(grouping)
+    gs = None if grouping == "kernel" else normalize_group_size(group_size)
+    return _Layout(shape, gs, grouping).scales_shape
 
 
 def group_onehot(shape, group_size: GroupSize, grouping: str = "input") -> np.ndarray:
