@@ -7,7 +7,7 @@ batch 128, the same jitted eval step (uint8 images -> normalise -> forward -> to
 * ``fp32``: plain ``module.apply`` with the float weights;
 * ``fake-nN``: fake-quant ternary weights (exact FGQ, groups of N, first conv and last dense in FP,
   the default policy), 8-bit activations at the inputs of the ternary layers via
-  ``fgq_jax.evaluate.quantized_apply``; weights are quantized once outside the step, as the
+  ``fgq_jax.intercept.quantized_apply``; weights are quantized once outside the step, as the
   Evaluator does, so N does not change the arithmetic (N=4 and N=64 should time alike);
 * ``integer-nN``: ``fgq_jax.integer.integer_apply(mode="integer")`` — every ternary layer folded
   into one int8 x int8 -> int32 GEMM (``impl="gemm"``) with 8-bit activation codes;
@@ -73,7 +73,7 @@ def _dequantize_and_fold(tern):
 def _build(spec, variables, group_sizes, calib_x, act_bits):
     """Per group size: (fake variables, folded weights); plus the shared ActConfig and steps."""
     from fgq_jax import transforms
-    from fgq_jax.evaluate import linear_layer_paths
+    from fgq_jax.intercept import linear_layer_paths
 
     params = variables["params"]
     order = linear_layer_paths(spec.module, variables, spec.input_shape)
@@ -98,7 +98,7 @@ def _build(spec, variables, group_sizes, calib_x, act_bits):
 def _step_fn(kind, module, family, act_cfg):
     from fgq_jax import integer
     from fgq_jax.data import normalize
-    from fgq_jax.evaluate import quantized_apply
+    from fgq_jax.intercept import quantized_apply
 
     if kind == "fp32":
         def f(variables, folded, steps, images):

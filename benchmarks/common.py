@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from fgq_jax.fileio import REPO_ROOT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,13 +174,14 @@ def quick_act_steps(module, variables, x, layers: Sequence[str], bits: int = 8):
 
     Each layer input's step is ``max|x| / qmax`` (unsigned when the sample is never negative).
     Good enough for throughput (the arithmetic does not depend on the step values); accuracy runs
-    use ``fgq_jax.evaluate.calibrate_steps`` / ``fgq_jax.ptq.quantize_model`` instead, which
+    use ``fgq_jax.ptq.calibrate_steps`` / ``fgq_jax.ptq.quantize_model`` instead, which
     calibrate layer by layer with the earlier layers already quantized.
     """
     import jax
     import jax.numpy as jnp
 
-    from fgq_jax.evaluate import ActConfig, capture_layer_io
+    from fgq_jax.activations import ActConfig
+    from fgq_jax.intercept import capture_layer_io
 
     layers = list(layers)
 

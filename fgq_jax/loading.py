@@ -9,7 +9,7 @@ import numpy as np
 from fgq_jax.data import default_shared_dir, load_arrays
 from fgq_jax.models import get_model
 from fgq_jax.recipe import QuantRecipe
-from fgq_jax.results import REPO_ROOT
+from fgq_jax.fileio import REPO_ROOT
 
 __all__ = ["resolve_path", "load_model", "sample_images"]
 
