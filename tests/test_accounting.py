@@ -237,3 +237,83 @@ def test_count_model_ops_matches(tiny):
     rep = count_model_ops(model, variables, (8, 8, 3), {"conv3": 4}, train=False)
     assert rep.macs == 36512
     assert rep.rows[2].mults == 256 * 4
+
+
+# ------------------------------------------------------------------------ SqueezeNet (1x1, concat, ceil)
+def test_fire_module_hand_count():
+    """fire2 of SqueezeNet 1.1 on a 55x55x64 map: squeeze 1x1 -> 16, expand 1x1 -> 64 and 3x3 -> 64.
+
+    Per output position: squeeze 64*16 = 1,024 MACs, expand1x1 16*64 = 1,024, expand3x3
+    3*3*16*64 = 9,216 (pad 1 keeps 55x55); times 55*55 = 3,025 positions: 3,097,600 + 3,097,600 +
+    27,878,400 = 34,073,600. The concat adds no MACs, and the output has 64 + 64 = 128 channels.
+    """
+    from fgq_jax.models.squeezenet import Fire
+
+    fire = Fire(16, 64, 64)
+    layers = layer_shapes(fire, None, (55, 55, 64))
+    got = [(ly.path, ly.kernel_shape, ly.output_shape, ly.macs) for ly in layers]
+    assert got == [
+        ("squeeze", (1, 1, 64, 16), (55, 55, 16), 3_097_600),
+        ("expand1x1", (1, 1, 16, 64), (55, 55, 64), 3_097_600),
+        ("expand3x3", (3, 3, 16, 64), (55, 55, 64), 27_878_400),
+    ]
+    assert count_ops(layers).macs == 34_073_600
+    out = jax.eval_shape(lambda: fire.init_with_output(jax.random.key(0), jnp.zeros((1, 55, 55, 64)))[0])
+    assert out.shape == (1, 55, 55, 128)
+    # ternary N=4: expand3x3 (L=144) keeps ceil(144/4) = 36 multiplications per output element,
+    # the 1x1 convs (L=64, L=16) 16 and 4
+    rep = count_ops(layers, lambda path: 4)
+    assert [r.mults for r in rep.rows] == [3025 * 16 * 16, 3025 * 64 * 4, 3025 * 64 * 36]
+
+
+# SqueezeNet 1.1, MACs per layer by hand. Spatial sizes: 224 -> conv 3x3/2 (no pad) 111 -> ceil-mode
+# pools 55, 27, 13 (odd inputs: ceil = floor); 227 -> 113 -> 56, 28, 14 (the even inputs 56 and 28
+# get a partial last window in ceil mode: floor mode would give 27 and 13). Per position of the fire
+# modules (squeeze + expand1x1 + expand3x3 = cin*s + s*e + 9*s*e):
+#   fire2 (64 -> 16/64/64):     1,024 +  1,024 +   9,216 =  11,264
+#   fire3 (128 -> 16/64/64):    2,048 +  1,024 +   9,216 =  12,288
+#   fire4 (128 -> 32/128/128):  4,096 +  4,096 +  36,864 =  45,056
+#   fire5 (256 -> 32/128/128):  8,192 +  4,096 +  36,864 =  49,152
+#   fire6 (256 -> 48/192/192): 12,288 +  9,216 +  82,944 = 104,448
+#   fire7 (384 -> 48/192/192): 18,432 +  9,216 +  82,944 = 110,592
+#   fire8 (384 -> 64/256/256): 24,576 + 16,384 + 147,456 = 188,416
+#   fire9 (512 -> 64/256/256): 32,768 + 16,384 + 147,456 = 196,608
+# conv1: 27*64 = 1,728 per position; classifier 1x1 512 -> 1000: 512,000 per position.
+# At 224 (positions 111^2 = 12,321; 55^2 = 3,025; 27^2 = 729; 13^2 = 169):
+#   conv1 21,290,688; fire2 34,073,600; fire3 37,171,200; fire4 32,845,824; fire5 35,831,808;
+#   fire6 17,651,712; fire7 18,690,048; fire8 31,842,304; fire9 33,226,752; classifier 86,528,000
+#   total 349,151,936 (torchvision lists 0.35 GFLOPS for squeezenet1_1)
+# At 227 (113^2 = 12,769; 56^2 = 3,136; 28^2 = 784; 14^2 = 196), the registry's input size:
+#   conv1 22,064,832; fire2 35,323,904; fire3 38,535,168; fire4 35,323,904; fire5 38,535,168;
+#   fire6 20,471,808; fire7 21,676,032; fire8 36,929,536; fire9 38,535,168; classifier 100,352,000
+#   total 387,747,520
+SQUEEZENET11_MACS = {
+    224: (111, 55, 27, 13, [21_290_688, 34_073_600, 37_171_200, 32_845_824, 35_831_808, 17_651_712,
+                            18_690_048, 31_842_304, 33_226_752, 86_528_000], 349_151_936),
+    227: (113, 56, 28, 14, [22_064_832, 35_323_904, 38_535_168, 35_323_904, 38_535_168, 20_471_808,
+                            21_676_032, 36_929_536, 38_535_168, 100_352_000], 387_747_520),
+}
+
+
+@pytest.mark.parametrize("hw", [224, 227])
+def test_squeezenet11_hand_count(hw):
+    from fgq_jax.models import get_model
+
+    conv1, s1, s2, s3, per_module, total = SQUEEZENET11_MACS[hw]
+    spec = get_model("squeezenet1_1")
+    layers = layer_shapes(spec.module, None, (hw, hw, 3), train=False)
+    assert len(layers) == 1 + 8 * 3 + 1
+    assert layers[0].path == spec.first_layer == "features_0" and layers[0].output_shape == (conv1, conv1, 64)
+    assert layers[-1].path == spec.last_layer == "classifier_1" and layers[-1].output_shape == (s3, s3, 1000)
+    # spatial size of each fire module's layers (after the 1st, 2nd, 3rd ceil-mode pool)
+    sizes = {ly.path.split("/")[0]: ly.output_shape[0] for ly in layers[1:-1]}
+    assert sizes == {"features_3": s1, "features_4": s1, "features_6": s2, "features_7": s2,
+                     "features_9": s3, "features_10": s3, "features_11": s3, "features_12": s3}
+    modules = {}
+    for ly in layers:
+        modules[ly.path.split("/")[0]] = modules.get(ly.path.split("/")[0], 0) + ly.macs
+    assert list(modules.values()) == per_module
+    assert count_ops(layers).macs == sum(per_module) == total
+    if hw == 227:
+        assert spec.input_shape == (227, 227, 3)
+        assert count_model_ops(spec.module, None, spec.input_shape, train=False).macs == total

@@ -29,6 +29,7 @@ from fgq_jax.convert import (  # noqa: E402
     CheckpointMismatchError,
     convert_torch_checkpoint,
     convert_torch_state_dict,
+    expected_torch_keys,
 )
 from fgq_jax.convert.__main__ import main as cli_main  # noqa: E402
 from fgq_jax.models import MODEL_NAMES, get_model  # noqa: E402
@@ -192,6 +193,59 @@ def test_torchvision_alexnet_matches_pytorch(hw):
     with torch.no_grad():
         want = model(x).numpy()
     assert rel_err(flax_logits("alexnet", variables, x, num_classes=100), want) <= TOL
+
+
+def randomize_biases(model: tnn.Module) -> tnn.Module:
+    """Non-zero conv biases (torchvision's init zeroes them), so that bias mistakes show up."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, tnn.Conv2d) and m.bias is not None:
+                m.bias.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", ["squeezenet1_0", "squeezenet1_1"])
+@pytest.mark.parametrize("hw", [(224, 224), (227, 227), (97, 130)])  # 224: exact pools; 227: ceil mode bites (1.1)
+def test_torchvision_squeezenet_matches_pytorch(name, hw):
+    torch.manual_seed(6)
+    model = randomize_biases(getattr(torchvision.models, name)(weights=None, num_classes=100)).eval()
+    assert set(expected_torch_keys(name, 100)) == set(model.state_dict())  # 26 convs x (weight, bias)
+    variables = convert_torch_state_dict(model.state_dict(), name, num_classes=100)
+    assert variables["batch_stats"] == {}
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(want).max() > 0  # the final ReLU did not zero everything
+    assert rel_err(flax_logits(name, variables, x, num_classes=100), want) <= TOL
+
+
+def test_published_squeezenet_matches_pytorch():
+    """The shared SqueezeNet 1.1 .pth: Flax logits of the converted file == torchvision's."""
+    path = SHARED / "models" / "imagenet-squeezenet" / "squeezenet1_1-5d96dd9a.pth"
+    if not path.exists():
+        pytest.skip(f"published SqueezeNet 1.1 checkpoint not found at {path} (set FGQ_SHARED_DIR)")
+    params, batch_stats = convert_torch_checkpoint(path, "squeezenet1_1")
+    ref = torchvision.models.squeezenet1_1(weights=None)
+    ref.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    ref.eval()
+    torch.manual_seed(7)
+    x = torch.randn(4, 3, 227, 227)
+    with torch.no_grad():
+        want = ref(x).numpy()
+    got = flax_logits("squeezenet1_1", {"params": params, "batch_stats": batch_stats}, x)
+    assert rel_err(got, want) <= TOL
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_squeezenet_version_mismatch_is_named():
+    sd = torchvision.models.squeezenet1_0(weights=None).state_dict()
+    with pytest.raises(CheckpointMismatchError) as e:
+        convert_torch_state_dict(sd, "squeezenet1_1", source="sq10.pth")
+    msg = str(e.value)
+    assert "features.0.weight: checkpoint (96, 3, 7, 7) vs model (64, 3, 3, 3)" in msg
+    assert "features.6.squeeze.weight" in e.value.missing  # 1.1 has a Fire where 1.0 pools
+    assert "features.5.squeeze.weight" in e.value.unexpected  # and vice versa
+    assert "features.9.squeeze.weight" not in e.value.missing + e.value.unexpected  # both have one
 
 
 def test_train_mode_matches_pytorch_train_mode():

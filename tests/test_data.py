@@ -18,6 +18,7 @@ from PIL import Image
 
 from fgq_jax import data
 from fgq_jax.data import cifar10_jpeg as c10j
+from fgq_jax.data import imagenet_subset as ims
 from fgq_jax.data import pipeline
 
 SHARED_C10J = pipeline.default_manual_dir("cifar10_jpeg")
@@ -33,8 +34,8 @@ def _sha256(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def _jpeg_bytes(rng, quality=75) -> bytes:
-    arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+def _jpeg_bytes(rng, quality=75, shape=(32, 32, 3)) -> bytes:
+    arr = rng.integers(0, 256, shape, dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -56,14 +57,22 @@ def _make_tar(path, split, per_class, seed, extra=()):
         for i in range(per_class)
     }
     members.update(dict(extra))
+    _write_tar(path, members, rng)
+    return members
+
+
+def _write_tar(path, members: dict, rng=None, mode="w:gz"):
+    """Writes {member path: bytes} as a tarball (to a path or a file object), in shuffled order
+    when `rng` is given."""
     names = list(members)
-    rng.shuffle(names)
-    with tarfile.open(path, "w:gz") as tar:
+    if rng is not None:
+        rng.shuffle(names)
+    target = {"fileobj": path} if hasattr(path, "write") else {"name": path}
+    with tarfile.open(mode=mode, **target) as tar:
         for name in names:
             info = tarfile.TarInfo(name)
             info.size = len(members[name])
             tar.addfile(info, io.BytesIO(members[name]))
-    return members
 
 
 @pytest.fixture
@@ -668,3 +677,252 @@ def test_standard_builders_code_path_with_tfds_mock_data(tmp_path):
         x, y = data.load_arrays("cifar10", "test", data_dir=tmp_path / "d")
         assert x.shape == (4, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int32
     assert data.FAMILY["cifar10"] == "cifar" and data.FAMILY["imagenet2012"] == "imagenet"
+
+
+# ------------------------------------------------------------------ imagenet_subset (synthetic)
+SHARED_SUBSET = pipeline.default_manual_dir("imagenet_subset")
+needs_shared_subset = pytest.mark.skipif(
+    not (SHARED_SUBSET / "val20-fullsize.tar.gz").is_file(),
+    reason=f"shared ImageNet subset not found at {SHARED_SUBSET} (set FGQ_SHARED_DIR)",
+)
+# Synthetic manual dir: split -> [(file name, (H, W), label)]; synsets are n00000000 .. n00000999.
+SUBSET_FILES = {
+    "val1300": [
+        ("ILSVRC2012_val_00000009.JPEG", (227, 227), 5),
+        ("ILSVRC2012_val_00000002.JPEG", (227, 227), 999),
+        ("ILSVRC2012_val_00000011.JPEG", (227, 227), 0),
+    ],
+    "val20": [
+        ("ILSVRC2012_val_00000042.JPEG", (300, 400), 17),  # landscape -> 256 x 341
+        ("ILSVRC2012_val_00000007.JPEG", (500, 333), 3),  # portrait -> 384 x 256
+    ],
+    "calib1000": [  # label = wnid's line in synsets.txt
+        ("n00000007_seventh.JPEG", (256, 341), 7),  # already shorter side 256: crop only
+        ("n00000000_zeroth_class.JPEG", (300, 256), 0),
+    ],
+}
+
+
+def _resize_crop_reference(jpeg: bytes, crop: int | None) -> np.ndarray:
+    """Expected pixels, computed without fgq_jax: Pillow decode (RGB), then unless `crop` is None
+    Pillow BILINEAR resize of the shorter side to 256 (long side truncated to an int, as
+    torchvision) and the centre crop^2 with torchvision's offsets round((H - crop) / 2)."""
+    im = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    if crop is None:
+        return np.asarray(im)
+    w, h = im.size
+    size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    arr = np.asarray(im.resize(size, Image.BILINEAR) if size != (w, h) else im)
+    top, left = int(round((arr.shape[0] - crop) / 2)), int(round((arr.shape[1] - crop) / 2))
+    return arr[top : top + crop, left : left + crop]
+
+
+def _subset_reference(jpeg: bytes, split: str) -> np.ndarray:
+    """imagenet_subset's pixels: val1300 as decoded, val20 / calib1000 resized 256 + cropped 227."""
+    return _resize_crop_reference(jpeg, None if split == "val1300" else 227)
+
+
+@pytest.fixture
+def subset_manual_dir(tmp_path, monkeypatch):
+    """Tiny tarballs in the shared layout (+ 1,000-line synsets.txt), registered as 'published'.
+
+    Returns (manual dir, {split: [(id, JPEG bytes, label)] sorted by id}).
+    """
+    manual = tmp_path / "subset_manual"
+    manual.mkdir()
+    (manual / "synsets.txt").write_text("".join(f"n{i:08d} class {i}, thing\n" for i in range(1000)))
+    rng = np.random.default_rng(11)
+    expected = {}
+    for split, files in SUBSET_FILES.items():
+        members = {f"{split}/{f}": _jpeg_bytes(rng, 90, (*hw, 3)) for f, hw, _ in files}
+        if split in ims.LABELED_SPLITS:
+            members[f"{split}/labels.txt"] = "".join(f"{f} {y}\n" for f, _, y in files).encode()
+        _write_tar(manual / ims.TARBALLS[split], members, rng)
+        expected[split] = sorted((f"{split}/{f}", members[f"{split}/{f}"], y) for f, _, y in files)
+    for fname in ims.SHA256:
+        monkeypatch.setitem(ims.SHA256, fname, _sha256(manual / fname))
+    return manual, expected
+
+
+def test_imagenet_subset_builder_synthetic(tmp_path, subset_manual_dir):
+    """Through tfds: every split 227x227, sorted ids, labels, and the reference pixels."""
+    import tensorflow_datasets as tfds
+
+    manual, expected = subset_manual_dir
+    builder_cls = ims.register()
+    assert "imagenet_subset" in tfds.list_builders()
+    builder = tfds.builder("imagenet_subset", data_dir=str(tmp_path / "tfds"))
+    assert isinstance(builder, builder_cls) and str(builder.version) == "1.0.0"
+    assert "val1300.tar.gz" in builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual), try_download_gcs=False)
+    )
+    assert builder.info.features["label"].num_classes == 1000
+    assert builder.info.features["image"].shape == (227, 227, 3)
+    for split, exp in expected.items():
+        assert builder.info.splits[split].num_examples == len(exp)
+        exs = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+        assert [e["id"].decode() for e in exs] == [name for name, _, _ in exp]
+        assert [int(e["label"]) for e in exs] == [y for _, _, y in exp]
+        for e, (name, jpeg, _) in zip(exs, exp):
+            np.testing.assert_array_equal(e["image"], _subset_reference(jpeg, split), err_msg=name)
+
+
+def test_imagenet_subset_load_arrays_with_and_without_tfds(tmp_path, subset_manual_dir, monkeypatch):
+    manual, expected = subset_manual_dir
+    ref = {}
+    for split in ims.TARBALLS:
+        x, y, ids = data.load_arrays(
+            "imagenet_subset", split, data_dir=tmp_path / "tfds", manual_dir=manual, return_ids=True
+        )
+        assert x.shape == (len(expected[split]), 227, 227, 3) and x.dtype == np.uint8
+        assert y.dtype == np.int32 and list(y) == [lab for _, _, lab in expected[split]]
+        assert list(ids) == [name for name, _, _ in expected[split]]
+        ref[split] = (x, y, ids)
+    assert data.FAMILY["imagenet_subset"] == "imagenet"
+    assert data.cache_path("imagenet_subset", "val20", data_dir=tmp_path) == (
+        tmp_path / "fgq_arrays" / "imagenet_subset" / "1.0.0" / "val20.npz"
+    )
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as on the GPU machine
+    for split in (*ims.TARBALLS, "calib1000[1:]"):
+        with pytest.warns(UserWarning, match="tensorflow-datasets unavailable.*Pillow"):
+            got = data.load_arrays(
+                "imagenet_subset", split, data_dir=tmp_path / "notfds", manual_dir=manual, return_ids=True
+            )
+        if split in ref:
+            want = ref[split]
+        else:  # a slice's ids are re-made from the slice (str width of its own ids, as via tfds)
+            cx, cy, cids = ref["calib1000"]
+            want = (cx[1:], cy[1:], np.asarray(cids[1:].tolist(), dtype=str))
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+
+def test_imagenet_subset_errors_name_the_offender(tmp_path, subset_manual_dir, monkeypatch):
+    from fgq_jax.data.imagenet_subset import reader
+
+    manual, _ = subset_manual_dir
+    synsets = manual / "synsets.txt"
+    rng = np.random.default_rng(12)
+
+    def tar(split, members):
+        path = tmp_path / f"{split}-{len(list(tmp_path.iterdir()))}.tar.gz"
+        _write_tar(path, members)
+        return path
+
+    def examples(split, members):
+        return list(reader.iter_examples(tar(split, members), split, synsets))
+
+    ok = _jpeg_bytes(rng, 90, (227, 227, 3))
+    # val1300 is used as published: another size is an error, not silently resized
+    with pytest.raises(data.CorruptDataError, match=r"val1300/b\.JPEG.*\(224, 224, 3\).*227"):
+        examples("val1300", {"val1300/a.JPEG": ok, "val1300/b.JPEG": _jpeg_bytes(rng, 90, (224, 224, 3)),
+                             "val1300/labels.txt": b"a.JPEG 1\nb.JPEG 2\n"})
+    with pytest.raises(data.CorruptDataError, match=r"1 image\(s\) without a label \['b\.JPEG'\]"):
+        examples("val1300", {"val1300/a.JPEG": ok, "val1300/b.JPEG": ok, "val1300/labels.txt": b"a.JPEG 1\n"})
+    with pytest.raises(data.CorruptDataError, match=r"labels\.txt.*line 1.*'a\.JPEG 1000'"):
+        examples("val1300", {"val1300/a.JPEG": ok, "val1300/labels.txt": b"a.JPEG 1000\n"})
+    with pytest.raises(data.CorruptDataError, match="has no val20/labels.txt"):
+        examples("val20", {"val20/a.JPEG": ok})
+    with pytest.raises(data.CorruptDataError, match=r"unexpected member 'val20/x/a\.JPEG'"):
+        examples("val20", {"val20/x/a.JPEG": ok})
+    with pytest.raises(data.CorruptDataError, match=r"calib1000/n99999999_x\.JPEG.*wnid"):
+        examples("calib1000", {"calib1000/n99999999_x.JPEG": ok})
+    with pytest.raises(data.CorruptDataError, match=r"calib1000/n00000002_b\.JPEG.*not a decodable image"):
+        examples("calib1000", {"calib1000/n00000001_a.JPEG": ok, "calib1000/n00000002_b.JPEG": b"junk"})
+    with pytest.raises(ValueError, match=r"split 'test'.*'val1300', 'val20', 'calib1000'"):  # tfds' error
+        data.load_arrays("imagenet_subset", "test", data_dir=tmp_path / "d", manual_dir=manual)
+    with pytest.raises(ValueError, match=r"splits \['calib1000', 'val1300', 'val20'\], not 'test'"):  # ours
+        ims.check_manual_dir(manual, splits=("test",))
+    synsets.write_text("n00000001 one\n")
+    with pytest.raises(data.CorruptDataError, match="synsets.txt.*1 lines, expected 1000"):
+        examples("calib1000", {"calib1000/n00000001_a.JPEG": ok})
+    synsets.unlink()
+    with pytest.raises(data.DataNotFoundError, match=str(synsets)):  # fresh data dir: not prepared
+        data.load_arrays("imagenet_subset", "val20", data_dir=tmp_path / "d2", manual_dir=manual)
+    monkeypatch.setitem(ims.SHA256, "val20-fullsize.tar.gz", "0" * 64)
+    with pytest.raises(data.CorruptDataError, match=r"val20-fullsize\.tar\.gz.*sha256"):
+        ims.read_manual_split(manual, "val20")
+
+
+@needs_shared_subset
+def test_shared_imagenet_subset_files_labels_and_preprocessing():
+    """The shared files have their published sha256; val20 equals the Pillow reference (resize 256
+    + centre crop 227); labels and class order agree with tfds' ImageNet lists. (torchvision's
+    Resize + CenterCrop is compared in test_fp_accuracy.py: importing torchvision after TensorFlow
+    segfaults in this environment, see there.)"""
+    from fgq_jax.data.imagenet_subset import reader
+
+    paths = ims.check_manual_dir(SHARED_SUBSET)  # raises on a sha256 mismatch
+    synsets = reader.read_synsets(SHARED_SUBSET / "synsets.txt")
+    assert list(synsets) == sorted(synsets)  # standard class order = sorted wnids
+    x, y, ids = ims.read_manual_split(SHARED_SUBSET, "val20")
+    assert x.shape == (20, 227, 227, 3) and len(set(ids)) == 20
+    members = dict(reader.read_tar_members(paths["val20"], "val20"))
+    for image, name in zip(x, ids):
+        np.testing.assert_array_equal(image, _subset_reference(members[name], "val20"), err_msg=name)
+
+    # Labels: the official validation labels (tfds' list of wnids by validation index).
+    tfds = pytest.importorskip("tensorflow_datasets")
+    root = tfds.core.tfds_path("datasets/imagenet2012")
+    official = (root / "validation_labels.txt").read_text().split()
+    assert tuple((root / "labels.txt").read_text().split()) == synsets
+    index = {w: i for i, w in enumerate(synsets)}
+    for split in ("val20", "val1300"):
+        members = dict(reader.read_tar_members(paths[split], split))
+        labels = reader.parse_labels(members[f"{split}/labels.txt"].decode(), split)
+        assert len(labels) == ims.NUM_EXAMPLES[split]
+        for f, lab in labels.items():  # ILSVRC2012_val_00000347.JPEG -> line 347
+            assert index[official[int(f[len("ILSVRC2012_val_") : -len(".JPEG")]) - 1]] == lab, f
+        if split == "val20":
+            assert list(y) == [labels[name.split("/")[1]] for name in ids]
+
+
+# ------------------------------------------------------------- imagenet2012 (official layout)
+# The first validation images' labels (tfds' validation_labels.txt lines 1-4 -> class indices).
+VAL_LABELS = {1: 65, 2: 970, 3: 230, 4: 809}
+
+
+def test_imagenet2012_fake_official_manual_dir_end_to_end(tmp_path):
+    """tfds' own imagenet2012 builder, offline, on a tiny manual dir in the official layout:
+    ILSVRC2012_img_train.tar holding one tar per class (n01440764.tar, ...) of <wnid>_<n>.JPEG, and
+    ILSVRC2012_img_val.tar holding ILSVRC2012_val_<8 digits>.JPEG. Through load_arrays: Pillow
+    decode, resize 256 (bilinear) + centre crop 224, labels.
+
+    tfds labels the validation files by their *sorted position* in the tar (it zips the sorted
+    names with its 50,000-line label list), so a partial val tar is labelled right only if it holds
+    the first k images: here ILSVRC2012_val_00000001 .. 04.
+    """
+    rng = np.random.default_rng(13)
+    manual = tmp_path / "imagenet_manual"
+    manual.mkdir()
+    train_sizes = {"n01440764": [(300, 400), (256, 256)], "n01443537": [(375, 500)]}  # classes 0, 1
+    train, inner = {}, {}
+    for wnid, sizes in train_sizes.items():
+        members = {f"{wnid}_{i}.JPEG": _jpeg_bytes(rng, 90, (*hw, 3)) for i, hw in enumerate(sizes)}
+        buf = io.BytesIO()
+        _write_tar(buf, members, mode="w")
+        inner[f"{wnid}.tar"] = buf.getvalue()
+        train.update(members)
+    _write_tar(manual / "ILSVRC2012_img_train.tar", inner, mode="w")
+    val_sizes = {1: (333, 500), 2: (500, 375), 3: (224, 224), 4: (180, 260)}  # 4: upscaled
+    val = {f"ILSVRC2012_val_{i:08d}.JPEG": _jpeg_bytes(rng, 90, (*hw, 3)) for i, hw in val_sizes.items()}
+    _write_tar(manual / "ILSVRC2012_img_val.tar", val, rng, mode="w")  # shuffled member order
+
+    data_dir = tmp_path / "tfds"
+    x, y, ids = data.load_arrays(
+        "imagenet2012", "validation", data_dir=data_dir, manual_dir=manual, return_ids=True
+    )
+    assert x.shape == (4, 224, 224, 3) and x.dtype == np.uint8 and y.dtype == np.int32
+    assert sorted(ids) == sorted(val)
+    for image, label, name in zip(x, y, ids):
+        assert label == VAL_LABELS[int(name[len("ILSVRC2012_val_") : -len(".JPEG")])], name
+        np.testing.assert_array_equal(image, _resize_crop_reference(val[name], 224), err_msg=name)
+
+    x, y, ids = data.load_arrays("imagenet2012", "train", data_dir=data_dir, return_ids=True)
+    assert x.shape == (3, 224, 224, 3) and sorted(ids) == sorted(train)
+    for image, label, name in zip(x, y, ids):
+        assert label == list(train_sizes).index(name.split("_")[0]), name
+        np.testing.assert_array_equal(image, _resize_crop_reference(train[name], 224), err_msg=name)

@@ -36,8 +36,16 @@ PARAM_COUNTS = {
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
     "alexnet": 61_100_840,
+    "squeezenet1_0": 1_248_424,
+    "squeezenet1_1": 1_235_496,
 }
-LAYERS = {n: ("conv_init", "fc") for n in MODEL_NAMES} | {"alexnet": ("conv1", "fc8")}
+LAYERS = {n: ("conv_init", "fc") for n in MODEL_NAMES} | {
+    "alexnet": ("conv1", "fc8"),
+    "squeezenet1_0": ("features_0", "classifier_1"),
+    "squeezenet1_1": ("features_0", "classifier_1"),
+}
+SQUEEZENETS = ("squeezenet1_0", "squeezenet1_1")
+BN_FREE = ("alexnet", *SQUEEZENETS)
 
 
 def test_registry_names():
@@ -58,7 +66,9 @@ def test_spec_and_param_count(name):
     assert isinstance(spec, ModelSpec) and spec.name == name
     cifar = name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
     assert spec.dataset_family == spec.family == ("cifar" if cifar else "imagenet")
-    assert spec.input_shape == ((32, 32, 3) if cifar else (224, 224, 3))
+    # SqueezeNet: 227, the crop of the original Caffe models and of the shared ImageNet subset.
+    hw = 32 if cifar else 227 if name in SQUEEZENETS else 224
+    assert spec.input_shape == (hw, hw, 3)
     assert spec.num_classes == (10 if cifar else 1000)
     assert (spec.first_layer, spec.last_layer) == LAYERS[name]
 
@@ -69,13 +79,14 @@ def test_spec_and_param_count(name):
     first, last = params[f"{spec.first_layer}/kernel"], params[f"{spec.last_layer}/kernel"]
     assert first.ndim == 4 and first.shape[2] == 3  # reads the RGB input
     assert last.shape[-1] == spec.num_classes and f"{spec.last_layer}/bias" in params
-    # BN-free AlexNet has no batch_stats; every ResNet BN has running mean/var.
-    assert ("batch_stats" in shapes) == (name != "alexnet")
+    # BN-free AlexNet / SqueezeNet have no batch_stats; every ResNet BN has running mean/var.
+    assert ("batch_stats" in shapes) == (name not in BN_FREE)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "resnet50", "alexnet"])
+@pytest.mark.parametrize("name", ["resnet20", "resnet50", "alexnet", "squeezenet1_1"])
 def test_first_and_last_layer_are_the_first_conv_and_last_dense_called(name):
-    """Interceptors see every conv/dense as a plain nn.Conv / nn.Dense, in execution order."""
+    """Interceptors see every conv/dense as a plain nn.Conv / nn.Dense, in execution order
+    (SqueezeNet's classifier, its last layer, is a 1x1 conv)."""
     spec = get_model(name)
     calls = []
 
@@ -90,7 +101,7 @@ def test_first_and_last_layer_are_the_first_conv_and_last_dense_called(name):
 
     jax.eval_shape(init, jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32))
     assert calls[0] == (spec.first_layer, nn.Conv)
-    assert calls[-1] == (spec.last_layer, nn.Dense)
+    assert calls[-1] == (spec.last_layer, nn.Conv if name in SQUEEZENETS else nn.Dense)
     n_kernels = sum(k.endswith("kernel") for k in traverse_util.flatten_dict(variable_shapes(name)["params"], sep="/"))
     assert len(calls) == n_kernels  # no conv/dense hidden from interceptors
 
@@ -167,6 +178,34 @@ def test_alexnet_dropout_only_in_train_mode():
     assert a.shape == b.shape == (2, 10) and not np.allclose(a, b)
 
 
+def test_squeezenet_names_mirror_torchvision_and_dropout_only_in_train_mode():
+    spec = get_model("squeezenet1_1", num_classes=10)
+    params = traverse_util.flatten_dict(variable_shapes("squeezenet1_1", 10)["params"], sep="/")
+    # Fire modules at torchvision's features indices 3, 4, 6, 7, 9..12; pools (2, 5, 8) have no params.
+    fires = sorted({int(p.split("/")[0].split("_")[1]) for p in params if p.count("/") == 2})
+    assert fires == [3, 4, 6, 7, 9, 10, 11, 12]
+    assert params["features_0/kernel"].shape == (3, 3, 3, 64)
+    assert params["features_3/expand3x3/kernel"].shape == (3, 3, 16, 64)
+    assert params["features_12/expand1x1/kernel"].shape == (1, 1, 64, 256)
+    assert params["classifier_1/kernel"].shape == (1, 1, 512, 10)
+    x = jax.random.normal(jax.random.key(4), (2, 64, 64, 3))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(
+        lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), variable_shapes("squeezenet1_1", 10)
+    )
+    a = spec.module.apply(variables, x)
+    np.testing.assert_array_equal(a, spec.module.apply(variables, x))  # no rng needed, deterministic
+    b = spec.module.apply(variables, x, train=True, rngs={"dropout": jax.random.key(5)})
+    assert a.shape == b.shape == (2, 10) and not np.allclose(a, b)
+
+
+def test_squeezenet_unknown_version():
+    from fgq_jax.models import SqueezeNet
+
+    with pytest.raises(ValueError, match="'1_2'.*1_0.*1_1"):
+        SqueezeNet(version="1_2").init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+
 # --- PyTorch-faithful layers, checked against torch itself -------------------------------------
 
 torch = pytest.importorskip("torch", reason="PyTorch is needed for the layer-equivalence checks")
@@ -195,6 +234,35 @@ def test_max_pool_matches_torch_with_negative_inputs(size, pad):
     got = np.asarray(max_pool(jnp.asarray(x), 3, 2, padding=pad))
     want = F.max_pool2d(_nchw(x), 3, 2, padding=pad).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("size", [5, 8, 13, 14, 27, 28, 54, 55, 56, 109, 111, 113])
+@pytest.mark.parametrize("pad", [0, 1])
+def test_max_pool_ceil_mode_matches_torch(size, pad):
+    """SqueezeNet's MaxPool2d(3, 2, ceil_mode=True): even sizes get one more, partial, window."""
+    from fgq_jax.models.layers import pool_output_size
+
+    x = -np.abs(np.random.default_rng(size).normal(size=(2, size, size + 1, 3)).astype(np.float32)) - 1.0
+    want = F.max_pool2d(_nchw(x), 3, 2, padding=pad, ceil_mode=True).numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(max_pool(jnp.asarray(x), 3, 2, padding=pad, ceil_mode=True))
+    np.testing.assert_array_equal(got, want)
+    assert want.shape[1:3] == (pool_output_size(size, 3, 2, pad, True), pool_output_size(size + 1, 3, 2, pad, True))
+
+
+def test_pool_output_size_rules():
+    from fgq_jax.models.layers import pool_output_size
+
+    assert [pool_output_size(n, 3, 2) for n in (111, 112, 113)] == [55, 55, 56]
+    assert [pool_output_size(n, 3, 2, ceil_mode=True) for n in (111, 112, 113)] == [55, 56, 56]
+    # ceil mode drops a last window that would start in the right padding: 5 + 2*1 wide, window 2,
+    # stride 2 -> ceil(5/2) + 1 = 4 windows, the 4th starting at 6 = the padding -> 3 (as torch)
+    assert pool_output_size(5, 2, 2, padding=1, ceil_mode=True) == 3
+    assert pool_output_size(4, 2, 2, padding=1, ceil_mode=True) == 3
+    x = -np.abs(np.random.default_rng(3).normal(size=(1, 5, 4, 2)).astype(np.float32)) - 1.0
+    want = F.max_pool2d(_nchw(x), 2, 2, padding=1, ceil_mode=True).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(max_pool(jnp.asarray(x), 2, 2, padding=1, ceil_mode=True), want)
+    with pytest.raises(ValueError, match="window 3"):
+        pool_output_size(2, 3, 2)
 
 
 def test_torch_batchnorm_matches_torch_train_and_eval():

@@ -4,7 +4,9 @@ Supported sources:
   * akamaster/pytorch_resnet_cifar10 ``.th`` files: ``{"state_dict": {"module.conv1.weight": ...}, ...}``
     (DataParallel ``module.`` prefix, Linear named ``linear``);
   * torchvision ``.pth`` files: a plain state_dict (``conv1.weight``, ``layer1.0.downsample.0.weight``,
-    ``features.0.weight``, ``classifier.1.weight``, ...).
+    ``features.0.weight``, ``classifier.1.weight``, ...), for the ResNets, AlexNet and
+    SqueezeNet 1.0 / 1.1 (whose Flax modules are named after torchvision's indices:
+    ``features_3/expand3x3`` <-> ``features.3.expand3x3``, ``classifier_1`` <-> ``classifier.1``).
 
 Layout changes: conv weight (out, in, kh, kw) -> kernel (kh, kw, in, out); Linear weight (out, in) ->
 kernel (in, out); BatchNorm weight/bias/running_mean/running_var -> params scale/bias and batch_stats
@@ -28,10 +30,11 @@ import numpy as np
 from flax import traverse_util
 
 from fgq_jax.models import get_model, variable_shapes
+from fgq_jax.models.squeezenet import SQUEEZENET_VERSIONS
 
 _TORCH_HINT = (
     "PyTorch is needed to read PyTorch checkpoints: install the pinned CPU build with "
-    "`pip install torch==2.13.0` (never an unpinned `torch`, which pulls a multi-GB CUDA build)."
+    "`pip install torch==2.14.1 torchvision==0.29.1` (never an unpinned `torch`, which pulls a multi-GB CUDA build)."
 )
 # Flax leaf name -> PyTorch parameter/buffer suffix.
 _LEAF_TO_TORCH = {
@@ -52,6 +55,7 @@ _ALEXNET_MODULES = {
     "fc8": "classifier.6",
 }
 _BLOCK_RE = re.compile(r"^stage(\d+)_block(\d+)$")
+_SEQUENTIAL_RE = re.compile(r"^(features|classifier)_(\d+)$")  # SqueezeNet: torchvision's Sequential index
 _MAX_LISTED = 100  # per category in the error message; the full lists are attributes
 
 
@@ -100,6 +104,9 @@ def _torch_module(model_name: str, family: str, flax_module: tuple[str, ...]) ->
     """PyTorch module name of a Flax module path, e.g. ('stage1_block0', 'conv1') -> 'layer1.0.conv1'."""
     if model_name == "alexnet":
         return _ALEXNET_MODULES.get("/".join(flax_module))
+    if model_name in SQUEEZENET_VERSIONS:  # ('features_3', 'squeeze') -> 'features.3.squeeze'
+        m = _SEQUENTIAL_RE.match(flax_module[0])
+        return None if m is None else ".".join((m.group(1), m.group(2), *flax_module[1:]))
     top = {"conv_init": "conv1", "bn_init": "bn1", "fc": "linear" if family == "cifar" else "fc"}
     if len(flax_module) == 1:
         return top.get(flax_module[0])
@@ -178,7 +185,7 @@ def convert_torch_state_dict(
 
     Returns:
       Nested dicts of float32 jax arrays exactly matching ``get_model(model_name).module.init``'s tree
-      (``batch_stats`` is ``{}`` for AlexNet, which has no BatchNorm).
+      (``batch_stats`` is ``{}`` for AlexNet and SqueezeNet, which have no BatchNorm).
 
     Raises:
       CheckpointMismatchError: missing keys, unexpected keys and/or shape mismatches (all listed).

@@ -3,13 +3,16 @@
 TensorFlow / tensorflow-datasets are imported lazily (only when a dataset has to be prepared or read
 through tfds), so the cached fast path and the array utilities cost no TensorFlow import.
 
-Without tensorflow-datasets (e.g. a GPU machine with only jax/numpy/Pillow), ``load_arrays`` still
-serves every existing array cache, and decodes "cifar10_jpeg" straight from its (sha256-checked)
-tarball with the builder's own generator (:func:`fgq_jax.data.cifar10_jpeg.reader.iter_examples`),
-so the arrays are identical to the tfds ones; other datasets then raise ImportError.
+The project's own builders ("cifar10_jpeg", "imagenet_subset"; ``LOCAL_BUILDERS``) read their
+manual files from <shared>/<SHARED_SUBDIR> by default. Without tensorflow-datasets (e.g. a GPU machine
+with only jax/numpy/Pillow), ``load_arrays`` still serves every existing array cache, and decodes
+those two straight from their (sha256-checked) tarballs with the builders' own generators
+(``reader.iter_examples`` of each package), so the arrays are identical to the tfds ones; other
+datasets then raise ImportError.
 
-Decoder: Pillow everywhere (CIFAR-10-JPEG is decoded by Pillow inside its builder; ImageNet JPEGs are
-read undecoded from tfds and decoded by Pillow here).
+Decoder: Pillow everywhere (CIFAR-10-JPEG and the ImageNet subset are decoded, and the subset
+resized, by Pillow inside their builders; imagenet2012 JPEGs are read undecoded from tfds and
+decoded by Pillow here).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from fgq_jax.data import cifar10_jpeg as _c10j
+from fgq_jax.data import imagenet_subset as _ims
 from fgq_jax.data.errors import DataNotFoundError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,13 +47,18 @@ STD = {"cifar": IMAGENET_STD, "imagenet": IMAGENET_STD}
 IMAGENET_RESIZE = 256
 IMAGENET_CROP = 224
 
+# The project's own tfds builders: name -> package (NAME, VERSION, SHARED_SUBDIR, TARBALLS,
+# register(), check_manual_dir(), read_manual_split()). Their images are final (decoded and, for
+# imagenet_subset, resized/cropped inside the builder).
+LOCAL_BUILDERS = {_c10j.NAME: _c10j, _ims.NAME: _ims}
 # Datasets small enough to hold in memory: the whole split is cached and `limit` slices it.
-_SMALL = {"cifar10_jpeg", "cifar10", "cifar100", "mnist", "fashion_mnist"}
+_SMALL = {"cifar10_jpeg", "imagenet_subset", "cifar10", "cifar100", "mnist", "fashion_mnist"}
 FAMILY = {
     "cifar10_jpeg": "cifar",
     "cifar10": "cifar",
     "cifar100": "cifar",
     "imagenet2012": "imagenet",
+    "imagenet_subset": "imagenet",
 }
 
 _CACHE_FORMAT = 1
@@ -69,13 +78,13 @@ def default_shared_dir() -> Path:
 
 
 def default_manual_dir(dataset: str) -> Path | None:
-    """cifar10_jpeg: <shared>/data/cifar10-jpeg.
+    """cifar10_jpeg: <shared>/data/cifar10-jpeg; imagenet_subset: <shared>/data/imagenet-subset.
 
     Others: None (tfds then uses <data_dir>/downloads/manual).
     """
     name, _ = _parse(dataset)
-    if name == _c10j.NAME:
-        return default_shared_dir() / "data" / "cifar10-jpeg"
+    if name in LOCAL_BUILDERS:
+        return default_shared_dir() / LOCAL_BUILDERS[name].SHARED_SUBDIR
     return None
 
 
@@ -89,7 +98,7 @@ def cache_path(dataset: str, split: str, *, data_dir=None, limit: int | None = N
     """Where load_arrays keeps the decoded arrays of (dataset, split)."""
     name, version = _parse(dataset)
     if version is None:
-        version = _c10j.VERSION if name == _c10j.NAME else "default"
+        version = LOCAL_BUILDERS[name].VERSION if name in LOCAL_BUILDERS else "default"
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     tag = re.sub(r"[^A-Za-z0-9_.+-]+", "_", split)
     if limit is not None and name not in _SMALL:
@@ -110,25 +119,30 @@ def load_arrays(
     """Decoded images and labels of a tfds split, cached on disk as .npz after the first read.
 
     Args:
-      dataset: tfds name, optionally with version: "cifar10_jpeg", "cifar10", "imagenet2012",
-        "cifar10:3.0.2".
-      split: tfds split ("train", "test", "validation", or a slice such as "train[:1000]").
+      dataset: tfds name, optionally with version: "cifar10_jpeg", "imagenet_subset", "cifar10",
+        "imagenet2012", "cifar10:3.0.2".
+      split: tfds split ("train", "test", "validation", "val1300", or a slice such as "train[:1000]").
       data_dir: tfds data dir (default: env FGQ_DATA_DIR or <repo>/.cache/tfds); the array cache lives
         in <data_dir>/fgq_arrays/<name>/<version>/<split>.npz.
-      manual_dir: the tfds manual dir (cifar10_jpeg default: <shared>/data/cifar10-jpeg; imagenet2012:
-        the dir holding ILSVRC2012_img_{train,val}.tar, default <data_dir>/downloads/manual).
+      manual_dir: the tfds manual dir (cifar10_jpeg default: <shared>/data/cifar10-jpeg;
+        imagenet_subset: <shared>/data/imagenet-subset; imagenet2012: the dir holding
+        ILSVRC2012_img_{train,val}.tar, default <data_dir>/downloads/manual).
       limit: keep only the first `limit` examples (small datasets cache the whole split and slice it;
         large ones read and cache only `split[:limit]`).
-      return_ids: also return the example ids (member path for cifar10_jpeg, file name for imagenet).
+      return_ids: also return the example ids (member path for cifar10_jpeg / imagenet_subset, file
+        name for imagenet2012).
 
     Returns:
       (images uint8 [N, H, W, 3], labels int32 [N]) (+ ids str [N] if return_ids), in the builder's
-      deterministic order (cifar10_jpeg: sorted member paths). ImageNet images are resized (shorter
-      side 256) and center-cropped to 224 x 224 by `imagenet_preprocess` (Pillow) before caching.
+      deterministic order (cifar10_jpeg, imagenet_subset: sorted member paths). imagenet2012 images
+      are resized (shorter side 256) and center-cropped to 224 x 224 by `imagenet_preprocess`
+      (Pillow) before caching; imagenet_subset images come 227 x 227 from its builder (see
+      fgq_jax.data.imagenet_subset).
 
     Without tensorflow-datasets: an existing cache is served as usual; on a cache miss cifar10_jpeg
-    is decoded directly from its tarball (same generator and Pillow decode as the builder, hence the
-    same arrays; a warning says so; split slices: integers only), other datasets raise ImportError.
+    and imagenet_subset are decoded directly from their tarballs (same generator and Pillow decode
+    as the builder, hence the same arrays; a warning says so; split slices: integers only), other
+    datasets raise ImportError.
     """
     if limit is not None and int(limit) < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
@@ -236,35 +250,34 @@ _INT_SLICE_SPLIT = re.compile(r"^\s*(\w+)\s*(?:\[\s*(-?\d+)?\s*:\s*(-?\d+)?\s*\]
 
 
 def _load_without_tfds(dataset: str, split: str, *, manual_dir, cache: Path, reason: str):
-    """load_arrays' cache-miss path when tensorflow-datasets is unavailable (cifar10_jpeg only)."""
+    """load_arrays' cache-miss path when tensorflow-datasets is unavailable (LOCAL_BUILDERS only)."""
     name, version = _parse(dataset)
-    if name != _c10j.NAME:
+    meta = LOCAL_BUILDERS.get(name)
+    if meta is None:
         raise ImportError(
             f"load_arrays({dataset!r}, {split!r}): tensorflow-datasets is required for {name!r} "
             f"({reason}) and there is no array cache at {str(cache)!r}. Install "
             "tensorflow-datasets and tensorflow(-cpu), or copy that .npz from a machine that has "
-            f"them; only {_c10j.NAME!r} can be decoded without tfds."
+            f"them; only {', '.join(map(repr, LOCAL_BUILDERS))} can be decoded without tfds."
         )
-    if version not in (None, _c10j.VERSION):
+    if version not in (None, meta.VERSION):
         raise ValueError(
-            f"{dataset!r}: only version {_c10j.VERSION} of {_c10j.NAME} can be read without "
+            f"{dataset!r}: only version {meta.VERSION} of {name} can be read without "
             f"tensorflow-datasets ({reason})"
         )
     m = _INT_SLICE_SPLIT.match(split)
     if m is None:
         raise ImportError(
             f"load_arrays({dataset!r}, {split!r}): this split syntax needs tensorflow-datasets "
-            f"({reason}); without it only plain splits ({', '.join(sorted(_c10j.TARBALLS))}) and "
+            f"({reason}); without it only plain splits ({', '.join(sorted(meta.TARBALLS))}) and "
             "integer slices such as 'train[:1000]' are supported."
         )
     base = m.group(1)
     start, stop = (int(g) if g is not None else None for g in m.group(2, 3))
     if manual_dir is None:
         manual_dir = default_manual_dir(dataset)
-    tar = _c10j.check_manual_dir(manual_dir, splits=(base,), verify_sha256=True)[base]
-    from fgq_jax.data.cifar10_jpeg import reader  # pylint: disable=import-outside-toplevel
-
-    images, labels, ids = reader.read_split(tar, base)
+    images, labels, ids = meta.read_manual_split(manual_dir, base)  # sha256-checked
+    tar = Path(manual_dir) / meta.TARBALLS[base]
     warnings.warn(
         f"tensorflow-datasets unavailable ({reason}); decoded {tar} directly with Pillow "
         f"(the builder's own generator: identical pixels, labels and order), caching the arrays "
@@ -280,20 +293,20 @@ def prepare_builder(dataset: str, *, data_dir=None, manual_dir=None):
     """tfds.builder(dataset) + download_and_prepare (manual dir, never GCS); returns the builder.
 
     Raises DataNotFoundError (naming the expected location) when the dataset is not prepared yet and
-    its manual dir is missing, CorruptDataError for damaged cifar10_jpeg tarballs.
+    its manual dir is missing, CorruptDataError for damaged cifar10_jpeg / imagenet_subset files.
     """
     tfds = _tfds()
     name, _ = _parse(dataset)
-    if name == _c10j.NAME:
-        _c10j.register()
+    if name in LOCAL_BUILDERS:
+        LOCAL_BUILDERS[name].register()
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if manual_dir is None:
         manual_dir = default_manual_dir(dataset)
     builder = tfds.builder(dataset, data_dir=os.fspath(data_dir))
     if not builder.is_prepared():
-        if name == _c10j.NAME:
+        if name in LOCAL_BUILDERS:
             # Our own error (where the files were expected), before tfds' generic AssertionError.
-            _c10j.check_manual_dir(manual_dir, verify_sha256=False)
+            LOCAL_BUILDERS[name].check_manual_dir(manual_dir, verify_sha256=False)
         elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
             where = (
                 Path(manual_dir) if manual_dir is not None else data_dir / "downloads" / "manual"
@@ -320,8 +333,9 @@ def _load_via_tfds(dataset, split, *, data_dir, manual_dir, limit):
     features = builder.info.features
     id_key = next((k for k in ("id", "file_name") if k in features), None)
     read_config = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
-    if FAMILY.get(name) == "imagenet":
+    if FAMILY.get(name) == "imagenet" and name not in LOCAL_BUILDERS:
         # Undecoded JPEG bytes from tfds; Pillow decode + resize 256 + center crop 224 here.
+        # (imagenet_subset's builder already stores final 227x227 pixels: the generic path below.)
         ds = builder.as_dataset(
             split=read_split,
             shuffle_files=False,

@@ -8,6 +8,7 @@
 All layers are plain ``nn.Conv`` / ``nn.Dense`` / ``nn.BatchNorm`` (subclass) submodules, so method
 interceptors see every conv/dense call. BatchNorm: running statistics at eval, momentum 0.9
 (= PyTorch 0.1), epsilon 1e-5, running variance updated with the unbiased batch variance (as PyTorch).
+SqueezeNet has no dense layer: its classifier (``last_layer``) is a 1x1 ``nn.Conv``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fgq_jax.models.alexnet import AlexNet
 from fgq_jax.models.cifar_resnet import CIFAR_DEPTHS, CifarResNet
 from fgq_jax.models.layers import TorchBatchNorm, adaptive_avg_pool, max_pool
 from fgq_jax.models.resnet import RESNET_CONFIGS, ResNet
+from fgq_jax.models.squeezenet import SQUEEZENET_VERSIONS, SqueezeNet
 
 __all__ = [
     "MODEL_NAMES",
@@ -32,14 +34,19 @@ __all__ = [
     "AlexNet",
     "CifarResNet",
     "ResNet",
+    "SqueezeNet",
     "TorchBatchNorm",
     "adaptive_avg_pool",
     "max_pool",
 ]
 
 CIFAR_MODELS = tuple(CIFAR_DEPTHS)
-IMAGENET_MODELS = (*RESNET_CONFIGS, "alexnet")
+IMAGENET_MODELS = (*RESNET_CONFIGS, "alexnet", *SQUEEZENET_VERSIONS)
 MODEL_NAMES: tuple[str, ...] = (*CIFAR_MODELS, *IMAGENET_MODELS)
+# DeepScale's Caffe SqueezeNets were trained and evaluated on 227x227 crops, the published FP
+# reference (../shared/README.md) is measured on 227x227 images, and every split of the
+# imagenet_subset dataset is 227x227; MACs and calibration shapes therefore use 227.
+SQUEEZENET_INPUT_SHAPE = (227, 227, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +56,13 @@ class ModelSpec:
     Attributes:
       module: the Flax Linen module; ``apply(variables, x [B, H, W, C], train=False) -> [B, classes]``.
       name: registry name, e.g. "resnet20".
-      first_layer: '/'-joined params path of the first conv ("conv_init", "conv1" for AlexNet).
-      last_layer: '/'-joined params path of the last dense ("fc", "fc8" for AlexNet).
-      input_shape: (H, W, C) the model is meant for: (32, 32, 3) CIFAR, (224, 224, 3) ImageNet.
+      first_layer: '/'-joined params path of the first conv ("conv_init", "conv1" for AlexNet,
+        "features_0" for SqueezeNet).
+      last_layer: '/'-joined params path of the classifier: the last dense ("fc", "fc8" for
+        AlexNet) or SqueezeNet's final 1x1 conv ("classifier_1").
+      input_shape: (H, W, C) the model is meant for: (32, 32, 3) CIFAR, (224, 224, 3) ImageNet,
+        (227, 227, 3) for SqueezeNet (the crop of the original Caffe models and of the shared
+        ImageNet subset; the net is fully convolutional, so 224 inputs work too).
       num_classes: number of logits.
       dataset_family: "cifar" | "imagenet" (selects the normalisation in fgq_jax.data).
     """
@@ -99,6 +110,10 @@ def get_model(name: str, num_classes: int | None = None) -> ModelSpec:
     if key == "alexnet":
         nc = 1000 if num_classes is None else int(num_classes)
         return ModelSpec(AlexNet(num_classes=nc), key, "conv1", "fc8", (224, 224, 3), nc, "imagenet")
+    if key in SQUEEZENET_VERSIONS:
+        nc = 1000 if num_classes is None else int(num_classes)
+        module = SqueezeNet(version=SQUEEZENET_VERSIONS[key], num_classes=nc)
+        return ModelSpec(module, key, "features_0", "classifier_1", SQUEEZENET_INPUT_SHAPE, nc, "imagenet")
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
 
 

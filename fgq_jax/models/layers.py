@@ -73,10 +73,36 @@ class TorchBatchNorm(nn.BatchNorm):
         return y
 
 
-def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
-    """PyTorch ``MaxPool2d(window, stride, padding)`` on NHWC ``x`` (padding counts as -inf)."""
+def pool_output_size(size: int, window: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> int:
+    """Output length of PyTorch's pooling along one axis (``torch.nn.MaxPool2d`` docs' formula).
+
+    ``floor`` (or ``ceil`` with ``ceil_mode``) of ``(size + 2*padding - window) / stride``, plus 1;
+    in ceil mode a last window that would start in the right padding is dropped, as in PyTorch.
+    """
+    span = size + 2 * padding - window
+    if span < 0:
+        raise ValueError(f"pooling window {window} larger than the padded input {size + 2 * padding}")
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> jax.Array:
+    """PyTorch ``MaxPool2d(window, stride, padding, ceil_mode=ceil_mode)`` on NHWC ``x`` [B, H, W, C].
+
+    Padding counts as -inf. ``ceil_mode=True`` (SqueezeNet's pools) rounds the output size up: the
+    last window may run past the bottom/right edge and then takes the max of the pixels it covers,
+    which is what extra -inf padding on that side gives. Returns [B, H', W', C] with H', W' from
+    :func:`pool_output_size`.
+    """
+    pads = []
+    for size in x.shape[1:3]:
+        out = pool_output_size(size, window, stride, padding, ceil_mode)
+        extra = max((out - 1) * stride + window - (size + 2 * padding), 0)  # > 0 only in ceil mode
+        pads.append((padding, padding + extra))
     # flax's pool pads inside lax.reduce_window with the reduction's init value (-inf for max).
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad2d(padding))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=tuple(pads))
 
 
 @functools.cache

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 NAME = "cifar10_jpeg"
 VERSION = "1.0.0"
+# Default manual dir, relative to the shared root (fgq_jax.data.default_shared_dir()).
+SHARED_SUBDIR = "data/cifar10-jpeg"
 
 # Class index = position of the folder name in sorted order (the standard CIFAR-10 order).
 CLASS_NAMES = (
@@ -68,56 +70,25 @@ def manual_instructions(manual_dir=None) -> str:
     )
 
 
-def sha256_of(path) -> str:
-    import hashlib  # pylint: disable=import-outside-toplevel
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_manual_dir(manual_dir, splits=None, *, verify_sha256=True) -> dict:
     """Checks that the manual dir holds the tarballs (and their sha256); returns {split: path}.
 
     Raises:
       DataNotFoundError: the dir or a tarball is missing (the message says where it was expected).
       CorruptDataError: a tarball's sha256 differs from the published one.
+      ValueError: an unknown split.
     """
-    import os  # pylint: disable=import-outside-toplevel
-    from fgq_jax.data.errors import (  # pylint: disable=import-outside-toplevel
-        CorruptDataError,
-        DataNotFoundError,
+    from fgq_jax.data.manual import check_split_files  # pylint: disable=import-outside-toplevel
+
+    return check_split_files(
+        NAME, manual_dir, splits, TARBALLS, SHA256, manual_instructions,
+        verify_sha256=verify_sha256,
     )
 
-    splits = tuple(TARBALLS) if splits is None else tuple(splits)
-    if manual_dir is None:
-        raise DataNotFoundError("No manual dir given for cifar10_jpeg.\n" + manual_instructions())
-    manual_dir = os.fspath(manual_dir)
-    if not os.path.isdir(manual_dir):
-        raise DataNotFoundError(
-            f"cifar10_jpeg manual dir {manual_dir!r} does not exist (expected "
-            f"{', '.join(TARBALLS[s] for s in splits)} in it).\n" + manual_instructions(manual_dir)
-        )
-    paths = {}
-    for split in splits:
-        if split not in TARBALLS:
-            raise ValueError(f"cifar10_jpeg has splits {sorted(TARBALLS)}, not {split!r}")
-        path = os.path.join(manual_dir, TARBALLS[split])
-        if not os.path.isfile(path):
-            raise DataNotFoundError(
-                f"cifar10_jpeg: {TARBALLS[split]} for split {split!r} not found; "
-                f"expected it at {path!r}.\n" + manual_instructions(manual_dir)
-            )
-        if verify_sha256:
-            got = sha256_of(path)
-            want = SHA256[TARBALLS[split]]
-            if got != want:
-                raise CorruptDataError(
-                    f"cifar10_jpeg: {path!r} is corrupt or not the published file: sha256 {got}, "
-                    f"expected {want} for {TARBALLS[split]} (in the manual dir {manual_dir!r}). "
-                    f"Replace it with the original file.\n" + manual_instructions(manual_dir)
-                )
-        paths[split] = path
-    return paths
+
+def read_manual_split(manual_dir, split: str):
+    """One split straight from the (sha256-checked) manual dir, without tfds: (images uint8
+    [N, 32, 32, 3], labels int32 [N], ids str [N]), exactly the builder's examples."""
+    from fgq_jax.data.cifar10_jpeg import reader  # pylint: disable=import-outside-toplevel
+
+    return reader.read_split(check_manual_dir(manual_dir, splits=(split,))[split], split)

@@ -14,11 +14,6 @@ with ``shuffle_files=False`` gives ``test/airplane/0000.jpg, test/airplane/0001.
 
 from __future__ import annotations
 
-import io
-import os
-
-import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from fgq_jax.data import cifar10_jpeg as _meta
@@ -27,7 +22,7 @@ from fgq_jax.data.cifar10_jpeg.reader import (  # noqa: F401  (re-exported: the 
     iter_examples,
     read_tar_members,
 )
-from fgq_jax.data.errors import DataNotFoundError
+from fgq_jax.data.manual_builder import ManualImageBuilder
 
 _CITATION = r"""
 @techreport{krizhevsky2009learning,
@@ -47,16 +42,11 @@ inside the tarball (e.g. ``test/cat/0042.jpg``).
 """
 
 
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
+class Cifar10Jpeg(ManualImageBuilder):
     """CIFAR-10-JPEG: CIFAR-10 images as lossy JPEG files, decoded with Pillow."""
 
     name = _meta.NAME
+    META = _meta
     VERSION = tfds.core.Version(_meta.VERSION)
     RELEASE_NOTES = {
         "1.0.0": (
@@ -66,47 +56,14 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
         ),
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _meta.manual_instructions()
+    DESCRIPTION = _DESCRIPTION
+    HOMEPAGE = f"https://github.com/{_meta.SOURCE_REPOSITORY}"
+    CITATION = _CITATION
 
-    # Set to False (e.g. in a subclass or a test) to skip the sha256 check of the manual tarballs.
-    VERIFY_SHA256 = True
+    def _label_feature(self):
+        return tfds.features.ClassLabel(names=list(_meta.CLASS_NAMES))
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=_DESCRIPTION,
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=_meta.IMAGE_SHAPE, encoding_format="png"),
-                    "label": tfds.features.ClassLabel(names=list(_meta.CLASS_NAMES)),
-                    "id": tfds.features.Text(),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage=f"https://github.com/{_meta.SOURCE_REPOSITORY}",
-            citation=_CITATION,
-            disable_shuffling=True,
-        )
-
-    def _manual_dir(self, dl_manager) -> str:
-        # Read the path without tfds' generic AssertionError; our check says where files were expected.
-        manual_dir = getattr(dl_manager, "_manual_dir", None)
-        if manual_dir is None:
-            try:
-                manual_dir = dl_manager.manual_dir
-            except AssertionError as e:
-                raise DataNotFoundError(
-                    "cifar10_jpeg: no manual dir.\n" + _meta.manual_instructions()
-                ) from e
-        return os.fspath(manual_dir)
-
-    def _split_generators(self, dl_manager):
-        manual_dir = self._manual_dir(dl_manager)
-        paths = _meta.check_manual_dir(manual_dir, verify_sha256=self.VERIFY_SHA256)
-        return {split: self._generate_examples(path, split) for split, path in paths.items()}
-
-    def _generate_examples(self, path, split):
+    def _examples(self, manual_dir, split, tar_path):
         # The member iteration and Pillow decode are reader.iter_examples (shared with the tfds-free
-        # path of load_arrays); only the PNG encoding is the builder's own.
-        for key, (name, image, label) in enumerate(iter_examples(path, split)):
-            # PNG bytes (lossless) of Pillow's pixels; tfds stores the bytes as they are.
-            yield key, {"image": _png(image), "label": label, "id": name}
+        # path of load_arrays); the PNG encoding is ManualImageBuilder's.
+        return iter_examples(tar_path, split)

@@ -10,20 +10,16 @@ pixels as lossless PNG).
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
-import zlib
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from fgq_jax.data import cifar10_jpeg as _meta
-from fgq_jax.data.errors import CorruptDataError, DataNotFoundError
+from fgq_jax.data import manual
+from fgq_jax.data.errors import CorruptDataError
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg")
-_TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
 _LABEL_OF = {name: i for i, name in enumerate(_meta.CLASS_NAMES)}
 
 
@@ -33,53 +29,30 @@ def read_tar_members(path: str, split: str) -> list[tuple[str, bytes]]:
 
     Raises CorruptDataError (naming the file) on a truncated/damaged archive or an unexpected layout.
     """
-    items = []
-    try:
-        with tarfile.open(path, mode="r|*") as tar:  # stream: no seeking, nothing written to disk
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name[2:] if member.name.startswith("./") else member.name
-                parts = name.split("/")
-                if parts[-1].startswith("."):  # hidden files (e.g. macOS ._ files)
-                    continue
-                if (
-                    len(parts) != 3
-                    or parts[0] != split
-                    or parts[1] not in _meta.CLASS_NAMES
-                    or not parts[2].lower().endswith(_IMAGE_SUFFIXES)
-                ):
-                    raise CorruptDataError(
-                        f"cifar10_jpeg: unexpected member {member.name!r} in {path!r}; expected "
-                        f"{split}/<class>/<NNNN>.jpg with <class> one of "
-                        f"{', '.join(_meta.CLASS_NAMES)}."
-                    )
-                f = tar.extractfile(member)
-                items.append((name, f.read()))
-    except CorruptDataError:
-        raise
-    except FileNotFoundError as e:
-        raise DataNotFoundError(f"cifar10_jpeg: tarball {path!r} not found") from e
-    except _TAR_ERRORS as e:
-        raise CorruptDataError(
-            f"cifar10_jpeg: cannot read {path!r} (truncated or damaged archive: "
-            f"{type(e).__name__}: {e}). Replace it with the original {os.path.basename(path)}."
-        ) from e
+
+    def check(name: str) -> None:
+        parts = name.split("/")
+        if (
+            len(parts) != 3
+            or parts[0] != split
+            or parts[1] not in _meta.CLASS_NAMES
+            or not parts[2].lower().endswith(_IMAGE_SUFFIXES)
+        ):
+            raise CorruptDataError(
+                f"cifar10_jpeg: unexpected member {name!r} in {path!r}; expected "
+                f"{split}/<class>/<NNNN>.jpg with <class> one of "
+                f"{', '.join(_meta.CLASS_NAMES)}."
+            )
+
+    items = manual.read_tar(path, _meta.NAME, check)
     if not items:
         raise CorruptDataError(f"cifar10_jpeg: {path!r} holds no {split}/<class>/*.jpg images")
-    items.sort(key=lambda item: item[0])
     return items
 
 
 def decode_jpeg(data: bytes, name: str = "<bytes>", path: str = "") -> np.ndarray:
     """Pillow decode (RGB) -> uint8 [32, 32, 3]; CorruptDataError naming the member if undecodable."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise CorruptDataError(
-            f"cifar10_jpeg: member {name!r} of {path!r} is not a decodable image ({e})"
-        ) from e
+    arr = manual.decode_rgb(data, _meta.NAME, name, path)
     if arr.shape != _meta.IMAGE_SHAPE:
         raise CorruptDataError(
             f"cifar10_jpeg: member {name!r} of {path!r} has shape {arr.shape}, "
@@ -102,9 +75,4 @@ def iter_examples(tar_path, split: str) -> Iterator[tuple[str, np.ndarray, int]]
 def read_split(tar_path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All examples of one tarball as arrays: (images uint8 [N, 32, 32, 3], labels int32 [N],
     ids str [N]), in :func:`iter_examples` order."""
-    images, labels, ids = [], [], []
-    for name, image, label in iter_examples(tar_path, split):
-        images.append(image)
-        labels.append(label)
-        ids.append(name)
-    return np.stack(images), np.asarray(labels, np.int32), np.asarray(ids, dtype=str)
+    return manual.stack_examples(iter_examples(tar_path, split))
