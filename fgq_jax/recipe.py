@@ -38,6 +38,7 @@ __all__ = [
 FIRST_LAST = ("fp", "8")
 REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit")
 # The row key of a point (besides the model): exactly the CSV spelling of the committed results.
+# A repair added later is a new key column; rows written before it read it as false.
 KEY_COLUMNS = ("method", "group_size", "act_bits", "first_last", *REPAIRS)
 ACT_BITS_RANGE = (2, 16)
 
@@ -280,7 +281,7 @@ class QuantRecipe:
         def flag(v) -> bool:
             if isinstance(v, bool):
                 return v
-            if v in ("true", "false"):
+            if v in ("true", "false", "", None):  # "" / absent: a row from before that repair existed
                 return v == "true"
             raise ValueError(f"expected true/false in a results row, got {v!r}")
 
@@ -295,7 +296,7 @@ class QuantRecipe:
             method=method, asymmetric=bool(asym), grouping=grouping,
             group_size=None if n in ("tensor", "kernel", "fp") else n,
             act_bits=None if bits == "fp" else int(bits), first_last=str(row["first_last"]),
-            **{r: flag(row[r]) for r in REPAIRS},
+            **{r: flag(row.get(r)) for r in REPAIRS},
         )
         return (base or cls()).replace(**flat)
 

@@ -125,9 +125,11 @@ class SweepConfig:
 
 
 def point_key(model: str, row_or_recipe) -> tuple[str, ...]:
-    """The CSV key of a point (model + the recipe's key columns, CSV-spelled)."""
+    """The CSV key of a point (model + the recipe's key columns, CSV-spelled). A repair column that
+    a row lacks or leaves empty (written before that repair existed) reads as false."""
     key = row_or_recipe.key() if isinstance(row_or_recipe, QuantRecipe) else row_or_recipe
-    return (model, *(fileio.format_value(key[c]) for c in RECIPE_KEY))
+    cells = [fileio.format_value(key.get(c)) for c in RECIPE_KEY]
+    return (model, *(("false" if c in REPAIRS and v == "" else v) for c, v in zip(RECIPE_KEY, cells)))
 
 
 def accounting_columns(spec, variables, recipe: QuantRecipe) -> dict[str, float]:
