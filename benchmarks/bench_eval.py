@@ -73,7 +73,7 @@ def _dequantize_and_fold(tern):
 def _build(spec, variables, group_sizes, calib_x, act_bits):
     """Per group size: (fake variables, folded weights); plus the shared ActConfig and steps."""
     from fgq_jax import transforms
-    from fgq_jax.evaluate import linear_layer_paths
+    from fgq_jax.intercept import linear_layer_paths
 
     params = variables["params"]
     order = linear_layer_paths(spec.module, variables, spec.input_shape)
@@ -98,7 +98,7 @@ def _build(spec, variables, group_sizes, calib_x, act_bits):
 def _step_fn(kind, module, family, act_cfg):
     from fgq_jax import integer
     from fgq_jax.data import normalize
-    from fgq_jax.evaluate import quantized_apply
+    from fgq_jax.intercept import quantized_apply
 
     if kind == "fp32":
         def f(variables, folded, steps, images):

@@ -180,7 +180,8 @@ def quick_act_steps(module, variables, x, layers: Sequence[str], bits: int = 8):
     import jax
     import jax.numpy as jnp
 
-    from fgq_jax.evaluate import ActConfig, capture_layer_io
+    from fgq_jax.activations import ActConfig
+    from fgq_jax.intercept import capture_layer_io
 
     layers = list(layers)
 
