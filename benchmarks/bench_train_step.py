@@ -6,7 +6,7 @@ backward, SGD-momentum update with weight decay, BN in train mode):
 
 * ``fp``: float weights, float activations (``make_apply_fn(module)``);
 * ``ternary N=64 + a8``: exact FGQ ternary weights with a straight-through gradient to the latent
-  weights (``quantize_params(..., mode="fake", ste=True)`` via ``train.make_weight_quant``), first
+  weights (``quantize_params(..., mode="fake", ste=True)`` via ``train.weight_quantizer``), first
   conv / last dense FP, 8-bit activations at the ternary layers' inputs (clipped STE,
   ``evaluate.quantized_apply``) — what ``experiments.finetune`` trains.
 
@@ -35,8 +35,10 @@ TARGET = 1.3
 
 def bench(model: str, batch_size: int, sizes, repeats: int, act_bits: int = 8, seed: int = 0,
           log=print) -> tuple[list[dict], dict]:
+    from fgq_jax import ptq
     from fgq_jax import train as T
     from fgq_jax.data import normalize
+    from fgq_jax.recipe import QuantRecipe
     spec = common.get_spec(model)
     model = common.spec_label(spec)
     module, family = spec.module, spec.dataset_family
@@ -55,9 +57,9 @@ def bench(model: str, batch_size: int, sizes, repeats: int, act_bits: int = 8, s
     labels_of = {"fp": ("fp", None)}
     t0 = time.perf_counter()
     for n in sizes:
-        cfg = T.TrainConfig(quantize=True, method="exact", group_size=n, act_bits=act_bits)
-        layers = T.quantized_layer_paths(cfg, spec, variables["params"])
-        wq_eval = T.make_weight_quant(cfg, spec, ste=False)
+        recipe = QuantRecipe.make(method="exact", group_size=n, act_bits=act_bits)
+        _, layers = ptq.quantized_layers(spec, variables, recipe)  # inputs quantized: the ternary layers' but the first
+        wq_eval = T.weight_quantizer(recipe, spec, ste=False)
         # eager: one cached jit per kernel shape inside fgq_jax.ternary (a jit of the whole tree
         # compiles far longer on a loaded 2-core machine)
         fake = {**variables, "params": wq_eval(variables["params"])}
@@ -65,7 +67,7 @@ def bench(model: str, batch_size: int, sizes, repeats: int, act_bits: int = 8, s
         act_steps.update(st)  # same layers and (nearly) the same steps for every N: one state
         name = f"ternary-n{n}-a{act_bits}"
         steps[name] = T.make_train_step(T.make_apply_fn(module, act_cfg), tx, preprocess=preprocess,
-                                        weight_quant=T.make_weight_quant(cfg, spec, ste=True))
+                                        weight_quant=T.weight_quantizer(recipe, spec, ste=True))
         labels_of[name] = ("ternary STE", n)
     log(f"[bench_train_step] {model}: act steps for {len(act_steps)} layers in {time.perf_counter() - t0:.1f} s")
     state = T.create_train_state(variables, tx, seed, act_steps)

@@ -35,6 +35,26 @@ METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit what loads it: a PyTorch file whose keys or shapes are not the
+    model's (`fgq_jax.convert`), or a fine-tuning checkpoint made with another config or state
+    layout (`fgq_jax.train` resume). The message says what differs.
+
+    Attributes (listed by the converter, empty otherwise; in the checkpoint's own naming):
+    ``missing`` (keys the model needs but the checkpoint lacks), ``unexpected`` (keys the model has
+    no place for), ``shape_mismatches`` (``(key, checkpoint_shape, expected_shape)`` triples).
+    """
+
+    def __init__(self, message: str, missing=(), unexpected=(), shape_mismatches=()):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.shape_mismatches = list(shape_mismatches)
+
+    def __reduce__(self):  # picklable with its attributes (e.g. across multiprocessing)
+        return (type(self), (str(self), self.missing, self.unexpected, self.shape_mismatches))
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that define the saved format and numerics."""
     import flax

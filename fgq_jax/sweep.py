@@ -18,11 +18,10 @@ import jax
 from tqdm.auto import tqdm
 
 from fgq_jax import accounting, fileio, results, transforms
-from fgq_jax.data import load_arrays
 from fgq_jax.distributed import partition_points
 from fgq_jax.evaluate import Evaluator
 from fgq_jax.integer import rounded_fake_quant
-from fgq_jax.loading import load_model, sample_images
+from fgq_jax.loading import load_labeled, load_model, sample_images
 from fgq_jax.ptq import quantize_model
 from fgq_jax.recipe import KEY_COLUMNS as RECIPE_KEY
 from fgq_jax.recipe import REPAIRS, QuantRecipe
@@ -76,7 +75,7 @@ class SweepConfig:
     # multipliers (alpha_g ~ m_g * s_k, fgq_jax.integer): column top1_rounded_multipliers.
     integer_rounding: bool = False
     test_split: str = "test"
-    test_limit: int | None = None  # smoke tests only: evaluate n test images
+    test_limit: int | None = None  # smoke tests only: n test images (loading.balanced_subset)
     calib_split: str = "train"
     batch_size: int = 500
 
@@ -237,7 +236,7 @@ def run_sweep(
 
     if todo:
         spec, variables_fp = load_model(cfg.model, cfg.checkpoint)
-        test_x, test_y = load_arrays(cfg.dataset, cfg.test_split, limit=cfg.test_limit)
+        test_x, test_y = load_labeled(cfg.dataset, cfg.test_split, cfg.test_limit)
         calib, repair = sample_images(cfg.dataset, cfg.calib_split, cfg.recipe)
         evaluators = {} if evaluators is None else evaluators
         bar = tqdm(todo, desc=cfg.name, unit="point", disable=not progress)

@@ -1,8 +1,9 @@
-"""fgq_jax.train: optimizer/schedule validation, weight-decay mask, distillation loss, STE gradients,
-a tiny quantized fine-tune that learns, exact kill-and-resume, refused resumes, interrupted writes,
-the CLI and the results files.
+"""fgq_jax.train: config validation, optimizer/schedule validation, weight-decay mask, distillation
+loss, STE gradients, a tiny quantized fine-tune that learns, exact kill-and-resume, refused resumes,
+interrupted writes, the CLI (also on 8 devices with --mesh) and the results files; and the
+fine-tune's epoch 0 equals the sweep's point for the same recipe (real ResNet-20).
 
-Everything runs a tiny CNN (defined here) on a tiny synthetic set, so the file takes seconds.
+Everything else runs a tiny CNN (defined here) on a tiny synthetic set, so it takes seconds.
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ import numpy as np
 import pytest
 
 from fgq_jax import train as T
+from fgq_jax.activations import Calibration
+from fgq_jax.configfile import load_config, replace_config
+from fgq_jax.data import augment_cifar, default_shared_dir, epoch_permutation
+from fgq_jax.loading import balanced_subset
+from fgq_jax.recipe import QuantRecipe
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -39,7 +45,7 @@ SHAPE = (8, 8, 3)
 class TinyCNN(nn.Module):
     """conv_init (FP first layer) -> conv_a, conv_b (quantized) -> fc (FP last layer), with BN."""
 
-    num_classes: int = 4
+    num_classes: int = 5  # 5: the smallest head the Evaluator takes (it reports top-5)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -52,8 +58,8 @@ class TinyCNN(nn.Module):
 
 def tiny_spec(num_classes=None):
     return types.SimpleNamespace(
-        module=TinyCNN(num_classes or 4), name="tiny", first_layer="conv_init", last_layer="fc",
-        input_shape=SHAPE, num_classes=num_classes or 4, dataset_family="cifar",
+        module=TinyCNN(num_classes or 5), name="tiny", first_layer="conv_init", last_layer="fc",
+        input_shape=SHAPE, num_classes=num_classes or 5, dataset_family="cifar",
     )
 
 
@@ -75,19 +81,24 @@ def np_init(module, seed=0):
 
 
 def tiny_data():
-    return T.synthetic_arrays(192, SHAPE, 4, split="train"), T.synthetic_arrays(96, SHAPE, 4, split="test")
+    return T.synthetic_arrays(192, SHAPE, 5, split="train"), T.synthetic_arrays(96, SHAPE, 5, split="test")
+
+
+# no repair: its compilations would double the tiny tests' time (the ResNet-20 epoch-0 test has them)
+TINY_RECIPE = QuantRecipe.make(method="exact", group_size=4, act_bits=8, calibration=Calibration("max"),
+                               num_calib=64, num_repair=96)
+FP_RECIPE = QuantRecipe.make(method="fp", act_bits=None)
 
 
 def tiny_config(**kw):
-    base = dict(
-        name="tiny", model="test_train:tiny_spec", dataset="synthetic", quantize=True, method="exact",
-        group_size=4, act_bits=8, act_calibration="max", calib_images=64, bn_images=96, optimizer="sgd", lr=0.05,
-        momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="cosine", warmup_epochs=0.5,
-        epochs=2, batch_size=32, seed=3, checkpoint_every=4, max_to_keep=3, eval_batch_size=48,
-        progress=False, time_steps=0, train_subset=192, test_subset=96, export=False,
+    """The tiny quantized run; ``kw``: config fields or recipe settings (flat names)."""
+    base = T.TrainConfig(
+        name="tiny", model="test_train:tiny_spec", dataset="synthetic", recipe=TINY_RECIPE,
+        optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, schedule="cosine",
+        warmup_epochs=0.5, epochs=2, batch_size=32, seed=3, checkpoint_every=4, max_to_keep=3,
+        eval_batch_size=48, progress=False, time_steps=0, train_subset=192, test_subset=96, export=False,
     )
-    base.update(kw)
-    return T.TrainConfig(**base)
+    return replace_config(base, **kw)
 
 
 def run_fit(cfg, workdir, **kw):
@@ -153,32 +164,51 @@ def test_make_optimizer_rejects_bad_input(kw, msg):
 @pytest.mark.parametrize("field, value, msg", [
     ("optimizer", "lamb", "unknown optimizer"), ("schedule", "poly", "unknown schedule"),
     ("lr", 0, "learning rate"), ("lr", -1e-3, "learning rate"), ("distill_alpha", 1.5, "distill_alpha"),
-    ("act_bits", 1, "act_bits"), ("first_last", "4", "first_last"),
+    ("epochs", 0, "epochs"), ("train_subset", 0, "train_subset"), ("act_bits", 1, "act_bits"),
+    ("first_last", "4", "first_last"), ("scale_fit", True, "STE forward re-ternarizes"),
 ])
 def test_config_validation_and_cli_fail_fast(field, value, msg, tmp_path):
-    with pytest.raises(ValueError, match=msg):
-        T.validate_config(dataclasses.replace(T.TrainConfig(), **{field: value}))
+    with pytest.raises(ValueError, match=msg):  # at construction (recipe settings: by flat name)
+        replace_config(T.TrainConfig(), **{field: value})
     from experiments import finetune
 
-    with pytest.raises(ValueError, match=msg):  # before any data or model is loaded
+    with pytest.raises(SystemExit, match=msg):  # before any data or model is loaded
         finetune.main(["--config", str(REPO / "experiments/configs/finetune_resnet20_n64.py"),
                        "--set", f"{field}={value!r}", "--workdir", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
 
 
+def test_config_is_validated_whole_and_round_trips():
+    from fgq_jax.train.config import _CHECKS
+
+    fields = {f.name for f in dataclasses.fields(T.TrainConfig)}
+    assert fields - set(_CHECKS) == {"lr"}  # every field has a check (lr: check_lr)
+    c = tiny_config(group_size="channel", asymmetric=True, act_bits=4, calibration=Calibration("percentile"),
+                    step_boundaries=(0.3, 0.6), distill=True)
+    d = json.loads(json.dumps(c.to_dict()))
+    assert T.TrainConfig.from_dict(d) == c and d["recipe"] == c.recipe.to_dict()
+    assert T.TrainConfig(recipe={"group_size": 16}).recipe == QuantRecipe.make(group_size=16)
+    with pytest.raises(ValueError, match="did you mean 'recipe'"):
+        T.TrainConfig.from_dict({**d, "recipes": {}})
+    with pytest.raises(ValueError, match="TrainConfig.recipe must be a QuantRecipe"):
+        T.TrainConfig(recipe=3)
+    assert not T.TrainConfig(recipe=FP_RECIPE).quantized and tiny_config().quantized
+
+
 def test_load_config_configdict_and_overrides(tmp_path):
     f = tmp_path / "cfg.py"
     f.write_text("import ml_collections\n\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
-                 "    c.name = 'cd'\n    c.group_size = 16\n    c.step_boundaries = (0.3, 0.6)\n    return c\n")
-    c = T.load_config(f, ["lr=0.2", "group_size='channel'", "teacher_checkpoint=runs/x/export/variables"])
-    assert (c.name, c.group_size, c.step_boundaries, c.lr) == ("cd", "channel", (0.3, 0.6), 0.2)
-    assert c.teacher_checkpoint == "runs/x/export/variables"
-    with pytest.raises(ValueError, match="unknown config field 'lrr'"):
-        T.load_config(f, ["lrr=1"])
+                 "    c.name = 'cd'\n    c.recipe = dict(group_size=16, act_bits=4)\n"
+                 "    c.step_boundaries = (0.3, 0.6)\n    return c\n")
+    c = load_config(f, ["lr=0.2", "group_size='channel'", "teacher_checkpoint=runs/x/export/variables"], T.TrainConfig)
+    assert (c.name, c.recipe.weights.group_size, c.step_boundaries, c.lr) == ("cd", "channel", (0.3, 0.6), 0.2)
+    assert c.recipe.activations.bits == 4 and c.teacher_checkpoint == "runs/x/export/variables"
+    with pytest.raises(ValueError, match="'lrr' \\(did you mean 'lr'\\?\\)"):
+        load_config(f, ["lrr=1"], T.TrainConfig)
     for cfg in sorted((REPO / "experiments" / "configs").glob("finetune_*.py")):
-        c = T.load_config(cfg)  # every shipped config loads, validates and names its command
-        T.validate_config(c)
+        c = load_config(cfg, [], T.TrainConfig)  # every shipped config loads, validates and names its command
         assert cfg.read_text().startswith("# python -m experiments.finetune --config experiments/configs/")
+        assert c.recipe.repairs.names == (() if c.recipe.weights.method == "fp" else ("bn_reestimate", "bias_correct"))
 
 
 def test_schedules():
@@ -245,7 +275,7 @@ def test_ste_gradient_reaches_latent_weights():
 
     cfg, spec = tiny_config(), tiny_spec()
     v = np_init(spec.module)
-    wq = T.make_weight_quant(cfg, spec, ste=True)
+    wq = T.weight_quantizer(cfg.recipe, spec, ste=True)
     act_cfg = ActConfig((("conv_a", 8, False), ("conv_b", 8, False)))
     steps = {"conv_a": jnp.float32(0.05), "conv_b": jnp.float32(0.05)}
     apply = T.make_apply_fn(spec.module, act_cfg)
@@ -282,7 +312,7 @@ def test_quantized_finetune_learns(reference):
     h = s["history"]
     assert [r["epoch"] for r in h] == [0, 1, 2] and s["steps"] == 12
     assert h[2]["loss"] < h[1]["loss"]
-    assert s["top1_final"] > max(s["top1_start"], 40.0)  # 4 classes: chance is 25 %
+    assert s["top1_final"] > max(s["top1_start"], 40.0)  # 5 classes: chance is 20 %
     assert s["act_layers"] == [["conv_a", 8, False], ["conv_b", 8, False]]
     lines = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1, 2]
@@ -326,8 +356,8 @@ def test_resume_with_other_config_is_refused_and_touches_nothing(reference, tmp_
     wd = tmp_path / "copy"
     shutil.copytree(ref_wd, wd)
     before = tree_digest(wd)
-    for change, words in [(dict(group_size=8), "quantization"), (dict(act_bits=4), "quantization"),
-                          (dict(model="test_train:other"), "architecture"), (dict(lr=0.1), "training recipe")]:
+    for change, words in [(dict(group_size=8), "quantization recipe"), (dict(act_bits=4), "quantization recipe"),
+                          (dict(model="test_train:other"), "architecture"), (dict(lr=0.1), "training")]:
         with pytest.raises(T.CheckpointMismatchError, match=words) as e:
             run_fit(tiny_config(**change), wd, resume=True)
         assert list(change)[0] in str(e.value) and "untouched" in str(e.value)
@@ -342,14 +372,14 @@ def test_resume_with_other_config_is_refused_and_touches_nothing(reference, tmp_
 @pytest.fixture(scope="module")
 def fp_run(tmp_path_factory):
     """A 1-epoch full-precision fine-tune with distillation (the FP reference of the CLI test)."""
-    cfg = tiny_config(name="tiny_fp", quantize=False, act_bits=None, epochs=1, distill=True,
-                      distill_alpha=0.5, time_steps=2)
+    cfg = tiny_config(name="tiny_fp", recipe=FP_RECIPE, epochs=1, distill=True, distill_alpha=0.5, time_steps=2)
     return run_fit(cfg, tmp_path_factory.mktemp("fp"))
 
 
 def test_fp_mode_and_distillation_and_timing(fp_run):
     s = fp_run
-    assert s["method"] == "fp" and s["act_layers"] == [] and s["top1_start"] == s["fp_start_top1"]
+    assert s["method"] == "fp" and not s["quantized"] and s["act_layers"] == []
+    assert s["top1_start"] == s["fp_start_top1"]
     assert s["step_s_fp"] > 0 and s["step_s_quant"] is None
     t = T.time_train_steps({"a": lambda st, x: x * 2, "b": lambda st, x: x + 1}, None, (jnp.ones(3),), repeats=3)
     assert set(t) == {"a", "b"} and all(v["median_s"] > 0 and v["repeats"] == 3 for v in t.values())
@@ -357,12 +387,23 @@ def test_fp_mode_and_distillation_and_timing(fp_run):
 
 
 def test_data_order_and_augmentation_are_deterministic():
-    a, b = T.epoch_permutation(1, 0, 100), T.epoch_permutation(1, 0, 100)
-    assert np.array_equal(a, b) and not np.array_equal(a, T.epoch_permutation(1, 1, 100))
+    a, b = epoch_permutation(100, 1, 0), epoch_permutation(100, 1, 0)
+    assert np.array_equal(a, b) and not np.array_equal(a, epoch_permutation(100, 1, 1))
     x = jnp.asarray(np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3)), jnp.uint8)
     k = jax.random.PRNGKey(0)
-    y = T.random_crop_flip(k, x)
-    assert y.shape == x.shape and y.dtype == jnp.uint8 and np.array_equal(y, T.random_crop_flip(k, x))
+    y = augment_cifar(k, x)
+    assert y.shape == x.shape and y.dtype == jnp.uint8 and np.array_equal(y, augment_cifar(k, x))
+
+
+def test_test_subset_is_class_balanced_and_spread():
+    labels = np.repeat(np.arange(10), 1000)  # stored class by class, as CIFAR-10-JPEG
+    idx = balanced_subset(labels, 200)
+    assert len(idx) == 200 and np.all(np.diff(idx) > 0)
+    assert np.bincount(labels[idx]).tolist() == [20] * 10
+    assert idx[:2].tolist() == [0, 50]  # evenly spaced within each class
+    uneven = np.array([0] * 2 + [1] * 50 + [2] * 5)
+    assert np.bincount(uneven[balanced_subset(uneven, 9)]).tolist() == [2, 4, 3]
+    assert balanced_subset(labels, 10**6).tolist() == list(range(10_000))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,12 +419,15 @@ def test_cli_end_to_end_writes_results(tmp_path, fp_run, monkeypatch):
     cfg_file = tmp_path / "finetune_tiny.py"
     cfg_file.write_text(textwrap.dedent(f"""\
         # python -m experiments.finetune --config {cfg_file}
+        from fgq_jax.activations import Calibration
+        from fgq_jax.recipe import QuantRecipe
         from fgq_jax.train import TrainConfig
 
         def get_config():
             return TrainConfig(name="tiny_q", model="test_train:tiny_spec", dataset="synthetic",
                                init_checkpoint={str(tmp_path / "init")!r},
-                               group_size=4, act_bits=8, act_calibration="max", calib_images=64,
+                               recipe=QuantRecipe.make(group_size=4, act_bits=8, calibration=Calibration("max"),
+                                                       num_calib=64, num_repair=64),
                                epochs=1, batch_size=32, lr=0.05, train_subset=128, test_subset=64,
                                checkpoint_every=2, progress=False, time_steps=2, eval_batch_size=64,
                                fp_reference="tiny_fp")
@@ -428,3 +472,92 @@ def test_cli_end_to_end_writes_results(tmp_path, fp_run, monkeypatch):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "group_size" in p.stderr and "untouched" in p.stderr, p.stderr[-2000:]
     assert tree_digest(tmp_path / "q" / "checkpoints") == before
+
+
+MESH_CONFIG = """\
+# python -m experiments.finetune --config {path}
+from fgq_jax.activations import Calibration
+from fgq_jax.recipe import QuantRecipe
+from fgq_jax.train import TrainConfig
+
+
+def get_config():
+    return TrainConfig(name="tiny_mesh", model="test_train:tiny_spec", dataset="synthetic",
+                       recipe=QuantRecipe.make(group_size=4, act_bits=8, calibration=Calibration("max"),
+                                               num_calib=64, num_repair=64),
+                       epochs=1, steps_per_epoch=3, batch_size=32, lr=0.05, train_subset=128,
+                       test_subset=64, eval_batch_size=64, checkpoint_every=0, progress=False,
+                       time_steps=0, export=False)
+"""
+
+
+@pytest.mark.slow
+def test_cli_on_8_devices_with_mesh_matches_one_device(tmp_path):
+    """``python -m experiments.finetune --mesh`` on 8 forced CPU devices: each batch of 32 is
+    sharded 4 per device; the epoch's numbers equal the unsharded run's (loss to float tolerance:
+    the BatchNorm and loss reductions sum in another order)."""
+    cfg_file = tmp_path / "finetune_tiny_mesh.py"
+    cfg_file.write_text(MESH_CONFIG.format(path=cfg_file))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    runs = {}
+    for name, extra in (("one", []), ("mesh", ["--mesh"])):
+        cmd = [sys.executable, "-m", "experiments.finetune", "--config", str(cfg_file), "--no-results",
+               "--workdir", str(tmp_path / name), *extra]
+        runs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hist = {}
+    for name, proc in runs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        hist[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    one, mesh = hist["one"], hist["mesh"]
+    assert [r["epoch"] for r in one] == [r["epoch"] for r in mesh] == [0, 1] and mesh[1]["step"] == 3
+    assert mesh[0]["test_top1"] == one[0]["test_top1"]  # the quantized start, evaluated sharded
+    assert (mesh[1]["test_top1"], mesh[1]["train_top1"]) == (one[1]["test_top1"], one[1]["train_top1"])
+    assert mesh[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# the fine-tune's start is the sweep's point (real ResNet-20, shared weights and data)
+# --------------------------------------------------------------------------------------------------
+SHARED = default_shared_dir()
+R20 = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
+needs_shared = pytest.mark.skipif(
+    not (R20.exists() and (SHARED / "data" / "cifar10-jpeg" / "test.tar.gz").exists()),
+    reason=f"shared weights/data not found under {SHARED}",
+)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_epoch0_top1_is_the_sweeps_top1_for_the_same_recipe(tmp_path):
+    """quantize_model(recipe) is where fine-tuning starts: its epoch-0 top-1 equals, exactly, the
+    sweep's top-1 for that recipe on the same test images (a "BN+bias" a8 point with small budgets,
+    N=8 because groups of <= 8 compile fast; one training step of batch 8)."""
+    from fgq_jax import sweep
+    from fgq_jax.data import load_arrays
+    from fgq_jax.loading import load_model
+
+    recipe = QuantRecipe.make(method="exact", group_size=8, act_bits=8, bn_reestimate=True,
+                              bias_correct=True, num_calib=64, num_repair=128)
+    n_test, batch = 200, 100
+    sweep_cfg = sweep.SweepConfig(
+        name="epoch0", model="resnet20", checkpoint=str(R20), group_sizes=(8,), act_bits=(8,),
+        methods=("exact",), repairs=(("bn_reestimate", "bias_correct"),), include_fp=False,
+        recipe=recipe, test_limit=n_test, batch_size=batch,
+    )
+    assert sweep_cfg.points() == [recipe]
+    csv_path = sweep.run_sweep(sweep_cfg, out_root=tmp_path / "sweep", plots=False, progress=False)
+    (row,) = list(csv.DictReader(open(csv_path)))
+
+    spec, fp_variables = load_model("resnet20", str(R20))
+    cfg = T.TrainConfig(
+        name="epoch0", model="resnet20", dataset="cifar10_jpeg", recipe=recipe, epochs=1,
+        steps_per_epoch=1, batch_size=8, test_subset=n_test, eval_batch_size=batch,
+        checkpoint_every=0, progress=False, time_steps=0, export=False,
+    )
+    summary = T.fit(cfg, tmp_path / "ft", spec=spec, train_data=load_arrays("cifar10_jpeg", "train"),
+                    test_data=load_arrays("cifar10_jpeg", "test"), init_variables=fp_variables)
+    start = summary["history"][0]
+    assert summary["n_test"] == int(row["num_test"]) == n_test
+    assert start["test_top1"] == float(row["top1"]), (start, row["top1"])  # k / 200: exact in the CSV

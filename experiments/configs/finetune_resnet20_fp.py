@@ -3,6 +3,7 @@
 # Full-precision fine-tuning of the published ResNet-20 (akamaster) on CIFAR-10-JPEG train, with the
 # same recipe and budget as the quantized runs: the second FP reference (`fp_top1` of the quantized
 # runs' rows) and the teacher of finetune_resnet20_n64_distill.py (its export/variables). Run it first.
+from fgq_jax.recipe import QuantRecipe
 from fgq_jax.train import TrainConfig
 
 
@@ -12,8 +13,7 @@ def get_config() -> TrainConfig:
         model="resnet20",
         dataset="cifar10_jpeg",
         init_checkpoint="{shared}/models/cifar-resnet/resnet20-12fca82f.th",
-        quantize=False,
-        act_bits=None,
+        recipe=QuantRecipe.make(method="fp", act_bits=None),  # nothing quantized, no repair
         optimizer="sgd",
         lr=0.01,
         momentum=0.9,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from fgq_jax.checkpoint import CheckpointMismatchError
 from fgq_jax.models import get_model, variable_shapes
 from fgq_jax.models.squeezenet import SQUEEZENET_VERSIONS
 
@@ -59,45 +60,25 @@ _SEQUENTIAL_RE = re.compile(r"^(features|classifier)_(\d+)$")  # SqueezeNet: tor
 _MAX_LISTED = 100  # per category in the error message; the full lists are attributes
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint's keys/shapes do not match the architecture.
+def _mismatch_message(model_name: str, source: str, missing, unexpected, shape_mismatches,
+                      n_expected: int) -> str:
+    """The CheckpointMismatchError message: every missing key, unexpected key and shape mismatch."""
+    lines = [f"checkpoint {source} does not match model {model_name!r}:"]
 
-    Attributes: ``missing`` (torch keys the model needs but the checkpoint lacks), ``unexpected``
-    (checkpoint keys the model has no place for), ``shape_mismatches`` (list of
-    ``(key, checkpoint_shape, expected_shape)``), all in PyTorch naming.
-    """
+    def listing(title, items):
+        if not items:
+            return
+        lines.append(f"  {len(items)} {title}{'' if len(items) == 1 else 's'}:")
+        lines.extend(f"    {it}" for it in items[:_MAX_LISTED])
+        if len(items) > _MAX_LISTED:
+            lines.append(f"    ... and {len(items) - _MAX_LISTED} more (see the exception's attributes)")
 
-    def __init__(self, model_name: str, source: str, missing, unexpected, shape_mismatches, n_expected: int):
-        self._init_args = (model_name, source, missing, unexpected, shape_mismatches, n_expected)
-        self.model_name = model_name
-        self.source = source
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.shape_mismatches = list(shape_mismatches)
-        lines = [f"checkpoint {source} does not match model {model_name!r}:"]
-
-        def listing(title, items):
-            if not items:
-                return
-            lines.append(f"  {len(items)} {title}{'' if len(items) == 1 else 's'}:")
-            lines.extend(f"    {it}" for it in items[:_MAX_LISTED])
-            if len(items) > _MAX_LISTED:
-                lines.append(f"    ... and {len(items) - _MAX_LISTED} more (see the exception's attributes)")
-
-        listing("missing key", self.missing)
-        listing("unexpected key", self.unexpected)
-        listing(
-            "shape mismatch",
-            [f"{k}: checkpoint {tuple(got)} vs model {tuple(exp)}" for k, got, exp in self.shape_mismatches],
-        )
-        if len(self.missing) + len(self.shape_mismatches) > n_expected // 2:
-            lines.append(
-                "  (most of the model's keys are missing or mis-shaped: is this a checkpoint of another model?)"
-            )
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self):  # picklable despite the custom __init__ (e.g. across multiprocessing)
-        return (type(self), self._init_args)
+    listing("missing key", missing)
+    listing("unexpected key", unexpected)
+    listing("shape mismatch", [f"{k}: checkpoint {tuple(got)} vs model {tuple(exp)}" for k, got, exp in shape_mismatches])
+    if len(missing) + len(shape_mismatches) > n_expected // 2:
+        lines.append("  (most of the model's keys are missing or mis-shaped: is this a checkpoint of another model?)")
+    return "\n".join(lines)
 
 
 def _torch_module(model_name: str, family: str, flax_module: tuple[str, ...]) -> str | None:
@@ -212,7 +193,8 @@ def convert_torch_state_dict(
             if got != torch_shape:
                 mismatched.append((names[k], got, torch_shape))
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(model_name, source, missing, unexpected, mismatched, len(expected))
+        message = _mismatch_message(model_name, source, missing, unexpected, mismatched, len(expected))
+        raise CheckpointMismatchError(message, missing, unexpected, mismatched)
 
     flat: dict[str, dict] = {"params": {}, "batch_stats": {}}
     for k, (collection, path, flax_shape, _) in expected.items():
