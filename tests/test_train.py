@@ -369,6 +369,27 @@ def test_resume_with_other_config_is_refused_and_touches_nothing(reference, tmp_
     assert res["resumed_from"] == 12 and res["top1_final"] == reference[1]["top1_final"]
 
 
+def test_resume_skips_stray_and_damaged_checkpoints(reference, tmp_path, capfd):
+    """A stray numbered directory and flipped bytes in the newest checkpoint: resume falls back to
+    the newest intact step and says what it skipped and why (never a KeyError or silent damage)."""
+    ref_wd, ref = reference
+    wd = tmp_path / "copy"
+    shutil.copytree(ref_wd, wd)
+    (wd / "checkpoints" / "99").mkdir()  # a stray directory that looks like a step
+    newest = wd / "checkpoints" / "12" / "state"
+    data = max((f for f in newest.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    for i in range(len(raw) // 3, len(raw) // 3 + 16):
+        raw[i] ^= 0x5A
+    data.write_bytes(bytes(raw))
+    assert [step for step, _ in T.readable_checkpoints(wd)][:2] == [12, 8]
+    res = run_fit(tiny_config(), wd, resume=True)
+    err = capfd.readouterr().err
+    assert "skipping checkpoint 99" in err and "skipping checkpoint 12" in err
+    assert res["resumed_from"] == 8
+    assert leaves_equal(res["_state"].params, ref["_state"].params)  # retrained 8 -> 12: same numbers
+
+
 @pytest.fixture(scope="module")
 def fp_run(tmp_path_factory):
     """A 1-epoch full-precision fine-tune with distillation (the FP reference of the CLI test)."""

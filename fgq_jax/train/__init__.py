@@ -20,6 +20,8 @@ from fgq_jax.train.checkpointing import (
     checkpoint_dir,
     existing_checkpoint,
     latest_checkpoint_meta,
+    readable_checkpoints,
+    restore_newest_intact,
     restore_state,
     saved_act_config,
 )
@@ -53,7 +55,7 @@ __all__ = [
     "CheckpointMismatchError", "Checkpointer", "RunData", "TrainConfig", "TrainState", "Trainer",
     "check_lr", "check_mesh", "check_resume_compatible", "checkpoint_dir", "create_train_state",
     "cross_entropy", "decay_mask", "distillation_loss", "existing_checkpoint", "export_run", "fit",
-    "latent_variables", "latest_checkpoint_meta", "load_data", "make_apply_fn", "make_optimizer",
+    "latent_variables", "latest_checkpoint_meta", "readable_checkpoints", "restore_newest_intact", "load_data", "make_apply_fn", "make_optimizer",
     "make_schedule", "make_train_step", "overhead_pct", "place_batch", "prepare_data",
     "restore_state", "results_paths", "saved_act_config", "synthetic_arrays", "time_train_steps",
     "to_jsonable", "weight_quantizer", "write_results",

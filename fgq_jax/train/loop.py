@@ -31,7 +31,13 @@ from fgq_jax.data import normalize
 from fgq_jax.evaluate import Evaluator
 from fgq_jax.fileio import atomic_write_text
 from fgq_jax.ptq import quantize_model
-from fgq_jax.train.checkpointing import Checkpointer, checkpoint_dir, existing_checkpoint, restore_state, saved_act_config
+from fgq_jax.train.checkpointing import (
+    Checkpointer,
+    checkpoint_dir,
+    existing_checkpoint,
+    restore_newest_intact,
+    saved_act_config,
+)
 from fgq_jax.train.config import TrainConfig
 from fgq_jax.train.export import export_run
 from fgq_jax.train.inputs import RunData, check_mesh, place_batch, prepare_data
@@ -203,12 +209,14 @@ def quantized_start(config: TrainConfig, spec, fp_variables, data: RunData):
     return q
 
 
-def resumed_start(workdir: Path, step: int, meta, fp_variables, config: TrainConfig, tx) -> TrainState:
-    """The state of checkpoint ``step`` (its structure taken from a fresh state)."""
-    dummy_steps = {p: 1.0 for p in saved_act_config(meta).paths}
-    state = restore_state(workdir, step, create_train_state(fp_variables, tx, config.seed, dummy_steps))
+def resumed_start(workdir: Path, candidates, fp_variables, config: TrainConfig, tx):
+    """(step, metadata, state) of the newest intact checkpoint among ``candidates`` (its structure
+    taken from a fresh state)."""
+    dummy_steps = {p: 1.0 for p in saved_act_config(candidates[0][1]).paths}
+    like = create_train_state(fp_variables, tx, config.seed, dummy_steps)
+    step, meta, state = restore_newest_intact(workdir, candidates, like)
     log(f"resumed from step {step} ({checkpoint_dir(workdir)})")
-    return state
+    return step, meta, state
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,17 +254,18 @@ def fit(
     workdir = Path(workdir).absolute()
     data = prepare_data(config, train_data, test_data)
     check_mesh(config.batch_size, mesh)
-    saved_step, saved_meta = existing_checkpoint(workdir, config, resume)
+    candidates = existing_checkpoint(workdir, config, resume)
     fp_variables = fp_start_variables(spec, init_variables, config.seed, data.train_x.shape[1:])
-    q = quantized_start(config, spec, fp_variables, data) if saved_step is None else None
-    act_cfg = q.act_cfg if q is not None else saved_act_config(saved_meta)
+    q = quantized_start(config, spec, fp_variables, data) if not candidates else None
+    act_cfg = q.act_cfg if q is not None else saved_act_config(candidates[0][1])
     trainer = Trainer(config, spec, data, act_cfg, fp_variables, teacher, mesh)
+    saved_step = None
     if q is not None:  # training starts from the quantized model, with the FP kernels as latent weights
         variables = latent_variables(q.variables, fp_variables["params"])
         state = create_train_state(variables, trainer.tx, config.seed, q.act_steps)
         history = [trainer.start_record(state, fp_variables)]
     else:
-        state = resumed_start(workdir, saved_step, saved_meta, fp_variables, config, trainer.tx)
+        saved_step, saved_meta, state = resumed_start(workdir, candidates, fp_variables, config, trainer.tx)
         history = [dict(r) for r in saved_meta.get("history", []) if r["step"] <= saved_step]
     if mesh is not None:
         state = distributed.replicate(state, mesh)
