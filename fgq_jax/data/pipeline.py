@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,11 +30,11 @@ from typing import Iterator
 
 import numpy as np
 
+from fgq_jax import fileio
 from fgq_jax.data import cifar10_jpeg as _c10j
 from fgq_jax.data import imagenet_subset as _ims
 from fgq_jax.data.errors import DataNotFoundError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Standard per-channel statistics (RGB, for pixels scaled to [0, 1]). The shared CIFAR ResNets
 # (akamaster/pytorch_resnet_cifar10) use the ImageNet statistics too (../shared/README.md).
@@ -68,13 +67,13 @@ _CACHE_FORMAT = 1
 def default_data_dir() -> Path:
     """tfds data dir (and array cache root): env FGQ_DATA_DIR or <repo>/.cache/tfds."""
     env = os.environ.get("FGQ_DATA_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "tfds"
+    return Path(env).expanduser() if env else fileio.REPO_ROOT / ".cache" / "tfds"
 
 
 def default_shared_dir() -> Path:
     """Shared read-only data root: env FGQ_SHARED_DIR or <repo>/../shared."""
     env = os.environ.get("FGQ_SHARED_DIR")
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared"
+    return Path(env).expanduser() if env else fileio.REPO_ROOT.parent / "shared"
 
 
 def default_manual_dir(dataset: str) -> Path | None:
@@ -197,22 +196,12 @@ def _read_cache(path: Path):
 
 def _write_cache(path: Path, arrays, meta: dict) -> None:
     images, labels, ids = arrays
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, created=time.strftime("%Y-%m-%dT%H:%M:%S"), num_examples=int(len(labels)))
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, labels=labels, ids=ids, meta=np.array(json.dumps(meta)))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the cache is meant to be shared
-        os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    # atomic: readers see the old file or the complete new one; readable by all (a shared cache)
+    with fileio.atomic_file(path, "wb", perms=0o666 & ~umask) as f:
+        np.savez(f, images=images, labels=labels, ids=ids, meta=np.array(json.dumps(meta)))
 
 
 def tfds_unavailable() -> str | None:
