@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fgq_jax import data
+from fgq_jax import data, fileio
 from fgq_jax.data import cifar10_jpeg as c10j
 from fgq_jax.data import imagenet_subset as ims
 from fgq_jax.data import pipeline
@@ -464,8 +464,8 @@ def test_default_paths_follow_env(monkeypatch, tmp_path):
     )
     monkeypatch.delenv("FGQ_DATA_DIR")
     monkeypatch.delenv("FGQ_SHARED_DIR")
-    assert data.default_data_dir() == pipeline.REPO_ROOT / ".cache" / "tfds"
-    assert data.default_shared_dir() == pipeline.REPO_ROOT.parent / "shared"
+    assert data.default_data_dir() == fileio.REPO_ROOT / ".cache" / "tfds"
+    assert data.default_shared_dir() == fileio.REPO_ROOT.parent / "shared"
 
 
 def test_cache_is_used_for_standard_builder(tmp_path, monkeypatch):
