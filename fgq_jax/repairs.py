@@ -58,6 +58,11 @@ def _apply_quantized(module, v, x, act_cfg, act_steps, observer, *, train=False,
     return intercepting(fn, act_cfg, act_steps, captured, observer=observer)
 
 
+# --------------------------------------------------------------------------------------------------
+# BatchNorm re-estimation
+
+
+@jax.jit(static_argnums=(0, 1))
 def _bn_moments(module, act_cfg, v, act_steps, x):
     """Per-channel mean and variance of every BatchNorm's input in one train-mode forward."""
     moments = {}
