@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +30,18 @@ def load_get_config(path: str | os.PathLike):
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} defines no get_config()")
-    return module.get_config()
+    try:
+        return module.get_config()
+    except TypeError as e:  # a misspelled field: name it, with the closest known one
+        m = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
+        cls = getattr(module, m.group(1), None) if m else None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            raise
+        try:
+            check_fields(cls.__name__, [m.group(2)], [f.name for f in dataclasses.fields(cls)])
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        raise
 
 
 def replace_config(cfg, **changes):

@@ -51,3 +51,9 @@ def test_errors_name_the_file_or_field(tmp_path):
         load_config(tmp_path / "base.py", ["group_size=(4,)x", "groupsizes=(4,)"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(tmp_path / "base.py", ["group_sizes"])
+
+
+def test_misspelled_field_in_a_config_file_names_it(tmp_path):
+    (tmp_path / "typo.py").write_text(BASE.replace("group_sizes=", "group_size="))
+    with pytest.raises(ValueError, match=r"typo.py: unknown SweepConfig field\(s\): 'group_size' \(did you mean 'group_sizes'\?\)"):
+        load_get_config(tmp_path / "typo.py")

@@ -434,3 +434,25 @@ def test_cli(cifar_th, tmp_path, capsys):
     assert "missing key" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert cli_main([str(src), "--model", "resnet20", "--out", str(out), "--overwrite"]) == 0
     assert "converted" in capsys.readouterr().out
+
+
+def test_name_digest_is_checked(tmp_path):
+    """A torchvision-style name ending in a sha256 prefix must match the file's bytes."""
+    from fgq_jax.convert.torch_convert import check_name_digest
+
+    good = tmp_path / "model-2c26b46b.pth"
+    good.write_bytes(b"foo")  # sha256("foo") = 2c26b46b...
+    check_name_digest(good)
+    bad = tmp_path / "model-deadbeef.pth"
+    bad.write_bytes(b"foo")
+    with pytest.raises(ValueError, match="deadbeef.*2c26b46b"):
+        check_name_digest(bad)
+    check_name_digest(tmp_path / "plain_name.pth")  # no digest in the name: nothing to check
+
+
+def test_num_classes_must_be_positive():
+    from fgq_jax.models import get_model
+
+    for bad in (0, -3, True, 2.5):
+        with pytest.raises(ValueError, match="num_classes"):
+            get_model("resnet20", bad)

@@ -169,3 +169,19 @@ def test_sweep_cli_on_8_forced_cpu_devices_matches_one_device(tmp_path):
         assert len(meta["machine"]["devices"]) == 8
         tops[mesh] = (rows[0]["top1"], rows[0]["top5"], rows[0]["num_test"])
     assert tops[True] == tops[False]
+
+
+@needs_shared
+@pytest.mark.slow
+def test_a_committed_repaired_point_reproduces_exactly(tmp_path):
+    """The committed N=64, 8-bit, BN+bias point of results/.../sweep_exact.csv, recomputed by the
+    sweep on the full test split: the same top-1/top-5 to the last digit (calibration, BN
+    re-estimation and bias correction all in the path, where a change in float rounding shows)."""
+    committed = {(r["group_size"], r["act_bits"], r["bn_reestimate"]): r for r in csv.DictReader(
+        open(REPO / "results" / "cifar10_jpeg" / "resnet20" / "sweep_exact.csv"))}[("64", "8", "true")]
+    cfg = sweep.SweepConfig(name="pin", model="resnet20",
+                            checkpoint="{shared}/models/cifar-resnet/resnet20-12fca82f.th",
+                            group_sizes=(64,), act_bits=(8,), include_fp=False,
+                            repairs=(("bn_reestimate", "bias_correct"),))
+    rows = list(csv.DictReader(open(sweep.run_sweep(cfg, out_root=tmp_path, progress=False, plots=False))))
+    assert (rows[0]["top1"], rows[0]["top5"]) == (committed["top1"], committed["top5"])

@@ -20,9 +20,11 @@ PyTorch is only imported by ``convert_torch_checkpoint`` (an optional dependency
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -204,6 +206,25 @@ def convert_torch_state_dict(
     return {c: traverse_util.unflatten_dict(f) if f else {} for c, f in flat.items()}
 
 
+_NAME_DIGEST = re.compile(r"-([0-9a-f]{8,64})$")
+
+
+def check_name_digest(path: str | os.PathLike) -> None:
+    """A torchvision-style file name whose stem ends in a sha256 prefix (``resnet20-12fca82f.th``,
+    ``squeezenet1_1-5d96dd9a.pth``) is checked against the file's bytes: a mismatch (a damaged or
+    swapped file) is a ValueError naming both digests."""
+    m = _NAME_DIGEST.search(Path(path).stem)
+    if m is None:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if not h.hexdigest().startswith(m.group(1)):
+        raise ValueError(f"{path}: its name says sha256 {m.group(1)}..., the file's is "
+                         f"{h.hexdigest()[:len(m.group(1))]}...: the file is damaged or not the one named")
+
+
 def load_torch_state_dict(path: str | os.PathLike) -> Mapping[str, Any]:
     """Read a ``.th``/``.pth`` file with ``torch.load(weights_only=True)`` and return its state_dict.
 
@@ -219,6 +240,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> Mapping[str, Any]:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not a file (expected a PyTorch .th/.pth checkpoint)")
+    check_name_digest(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by format

@@ -84,6 +84,9 @@ class ModelSpec:
 def get_model(name: str, num_classes: int | None = None) -> ModelSpec:
     """Return the ModelSpec for ``name`` (one of MODEL_NAMES); ``num_classes`` overrides 10 / 1000."""
     key = name.lower() if isinstance(name, str) else name
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be None or an int >= 1, got {num_classes!r}")
     if key in CIFAR_DEPTHS:
         nc = 10 if num_classes is None else int(num_classes)
         return ModelSpec(
