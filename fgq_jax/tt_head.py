@@ -10,11 +10,13 @@ The experiment behind ``python -m experiments.tt_head``:
 2. Train a wide full-precision head ``Dense(hidden) -> ReLU -> Dense(classes)`` on the cached
    features (Adam, no augmentation).
 3. Replace ``fc1`` (4,096 x hidden) by a TT layer (:class:`fgq_jax.tt.TTDense`) at several ranks,
-   initialised by TT-SVD of the trained kernel; evaluate, fine-tune the cores, fc1's bias and ``fc2``
-   briefly, evaluate. Control: the same TT head trained for as long from a random init.
-4. Ternarize the fine-tuned cores with FGQ groups of N (:func:`fgq_jax.tt.ternarize_tt_cores`):
-   evaluate post-training, then after a short straight-through fine-tune
-   (``TTDense(quant=WeightQuant(...))``). The dense fc1 is ternarized the same ways for reference.
+   initialised (``init="svd"``) by TT-SVD of the trained kernel (the FP head's fc1 bias and fc2
+   kept); evaluate, fine-tune the cores, fc1's bias and ``fc2`` briefly, evaluate. Control
+   (``init="random"``): the same TT head trained for as long from a random init.
+4. Ternarize each trained TT head's cores with FGQ groups of N
+   (:func:`fgq_jax.tt.ternarize_tt_cores`) and evaluate (stage "ptq"); for the inits in
+   ``ste_from``, also after a short straight-through fine-tune from the float cores
+   (``TTDense(quant=WeightQuant(...))``, stage "ste"). The dense fc1 is ternarized for reference.
 
 Every row carries fc1's storage (``fc1_bits``: fp32 weights, or 2-bit codes + fp16 scales) and
 ``fc1_compression`` = dense fp32 bits / ``fc1_bits``; ``head_compression`` counts the whole head
@@ -39,7 +41,7 @@ from fgq_jax import results, tt
 from fgq_jax.transforms import WeightQuant
 
 COLUMNS = (
-    "variant", "rank", "group_size", "stage", "top1", "fc1_params", "fc1_bits", "fc1_compression",
+    "variant", "rank", "init", "group_size", "stage", "top1", "fc1_params", "fc1_bits", "fc1_compression",
     "head_compression", "fc1_macs", "fc1_rel_error", "epochs", "seconds",
 )
 
@@ -53,9 +55,10 @@ class TTHeadConfig:
     in_modes / out_modes: TT factorization of fc1 (prod = feature size / hidden).
     ranks: uniform internal TT-ranks to try. group_sizes: FGQ group sizes for the ternary cores.
     *_epochs: passes over the cached train features (FP head, TT fine-tune, STE fine-tune).
-    dense_ste: also STE-fine-tune the ternarized dense fc1. scratch_control: also train each TT head
-      from a random init (``TTDense``'s default init, fc2 too) for ``tt_epochs`` (stage "scratch"):
-      the control for the TT-SVD init.
+    dense_ste: also STE-fine-tune the ternarized dense fc1. random_init: also train each TT head
+      from a random init (``TTDense``'s default init, fc2 too) for ``tt_epochs`` (rows with
+      init "random"): the control for the TT-SVD init. ste_from: the inits ("svd", "random") whose
+      trained TT heads get the STE fine-tune with ternary cores.
     train_limit / test_limit: a random subset of n images of each split (smoke tests only).
     """
 
@@ -74,7 +77,8 @@ class TTHeadConfig:
     tt_epochs: int = 2
     ste_epochs: int = 1
     dense_ste: bool = True
-    scratch_control: bool = True
+    random_init: bool = True
+    ste_from: tuple = ("svd", "random")
     batch_size: int = 256
     lr: float = 1e-3
     tt_lr: float = 1e-3
@@ -253,13 +257,13 @@ def _fc1_storage(cfg: TTHeadConfig, rank: Any, group_size: Any, feat_dim: int) -
             tt.tt_macs(cfg.in_modes, cfg.out_modes, rank))
 
 
-def _row(cfg, variant, rank, group_size, stage, top1, feat_dim, classes, *, rel_error=None,
+def _row(cfg, variant, rank, group_size, stage, top1, feat_dim, classes, *, init=None, rel_error=None,
          epochs=0, seconds=0.0) -> dict:
     params, bits, macs = _fc1_storage(cfg, rank, group_size, feat_dim)
     dense_bits = 32 * feat_dim * cfg.hidden
     other_bits = 32 * (cfg.hidden + cfg.hidden * classes + classes)  # fc1 bias, fc2: fp32
     return {
-        "variant": variant, "rank": rank, "group_size": group_size, "stage": stage, "top1": top1,
+        "variant": variant, "rank": rank, "init": init, "group_size": group_size, "stage": stage, "top1": top1,
         "fc1_params": params, "fc1_bits": bits, "fc1_compression": dense_bits / bits,
         "head_compression": (dense_bits + other_bits) / (bits + other_bits), "fc1_macs": macs,
         "fc1_rel_error": rel_error, "epochs": epochs, "seconds": seconds,
@@ -286,13 +290,15 @@ def run(cfg: TTHeadConfig, log=print) -> tuple[list[dict], dict]:
     def add(*args, **kw):
         rows.append(_row(cfg, *args, feat_dim, classes, **kw))
         r = rows[-1]
-        log(f"[tt_head] {r['variant']:<12} rank={r['rank']!s:<4} N={r['group_size']!s:<4} {r['stage']:<10} "
+        log(f"[tt_head] {r['variant']:<10} rank={r['rank']!s:<4} init={r['init']!s:<6} N={r['group_size']!s:<4} "
+            f"{r['stage']:<9} "
             f"top-1 {r['top1']:6.2f}%  fc1 x{r['fc1_compression']:,.1f}  ({r['seconds']:.0f} s)")
 
     # FP head
     dense = Head(cfg.hidden, classes)
     t = time.perf_counter()
     params = dense.init(jax.random.key(cfg.seed), jnp.zeros((1, feat_dim)))["params"]
+    w0 = np.asarray(params["fc1"]["kernel"])
     params = train(dense, params, xtr, ytr, epochs=cfg.fp_epochs, lr=cfg.lr, **fit)
     add("dense", None, None, "trained", evaluate(dense, params, xte, yte),
         epochs=cfg.fp_epochs, seconds=time.perf_counter() - t)
@@ -318,29 +324,29 @@ def run(cfg: TTHeadConfig, log=print) -> tuple[list[dict], dict]:
         tp = {"fc1": tt.tt_dense_params(w1, params["fc1"]["bias"], cfg.in_modes, cfg.out_modes, ranks),
               "fc2": params["fc2"]}
         rel = float(np.linalg.norm(np.asarray(tt.tt_to_dense(tt.tt_cores_of(tp["fc1"]))) - w1) / np.linalg.norm(w1))
-        add("tt", rank, None, "svd", evaluate(thead, tp, xte, yte), rel_error=rel)
-        t = time.perf_counter()
-        tp = train(thead, tp, xtr, ytr, epochs=cfg.tt_epochs, lr=cfg.tt_lr, **fit)
-        add("tt", rank, None, "finetuned", evaluate(thead, tp, xte, yte), rel_error=rel,
-            epochs=cfg.tt_epochs, seconds=time.perf_counter() - t)
-        if cfg.scratch_control:
+        add("tt", rank, None, "svd", evaluate(thead, tp, xte, yte), init="svd", rel_error=rel)
+        trained = {"svd": tp}
+        if cfg.random_init:
+            trained["random"] = thead.init(jax.random.key(cfg.seed + 1), jnp.zeros((1, feat_dim)))["params"]
+        for init, p0 in trained.items():
             t = time.perf_counter()
-            sp = thead.init(jax.random.key(cfg.seed + 1), jnp.zeros((1, feat_dim)))["params"]
-            sp = train(thead, sp, xtr, ytr, epochs=cfg.tt_epochs, lr=cfg.tt_lr, **fit)
-            add("tt", rank, None, "scratch", evaluate(thead, sp, xte, yte), epochs=cfg.tt_epochs,
-                seconds=time.perf_counter() - t)
-        for n in cfg.group_sizes:
-            qhead = thead.clone(quant=WeightQuant(cfg.method, n))
-            cores = tt.tt_cores_of(tp["fc1"])
-            fake = tt.ternarize_tt_cores(cores, n, cfg.method, mode="fake")
-            qp = {"fc1": {**tp["fc1"], **{f"core{k}": c for k, c in enumerate(fake)}}, "fc2": tp["fc2"]}
-            add("tt_ternary", rank, n, "ptq", evaluate(thead, qp, xte, yte))
-            if cfg.ste_epochs:
-                t = time.perf_counter()
-                sp = train(qhead, tp, xtr, ytr, epochs=cfg.ste_epochs, lr=cfg.tt_lr, **fit)
-                add("tt_ternary", rank, n, "ste", evaluate(qhead, sp, xte, yte), epochs=cfg.ste_epochs,
-                    seconds=time.perf_counter() - t)
-    extra = {"model_top1": model_top1, "num_train": int(len(ytr)), "num_test": int(len(yte)),
+            trained[init] = train(thead, p0, xtr, ytr, epochs=cfg.tt_epochs, lr=cfg.tt_lr, **fit)
+            add("tt", rank, None, "finetuned", evaluate(thead, trained[init], xte, yte), init=init,
+                rel_error=rel if init == "svd" else None, epochs=cfg.tt_epochs, seconds=time.perf_counter() - t)
+        for init, tp in trained.items():
+            for n in cfg.group_sizes:
+                fake = tt.ternarize_tt_cores(tt.tt_cores_of(tp["fc1"]), n, cfg.method, mode="fake")
+                qp = {"fc1": {**tp["fc1"], **{f"core{k}": c for k, c in enumerate(fake)}}, "fc2": tp["fc2"]}
+                add("tt_ternary", rank, n, "ptq", evaluate(thead, qp, xte, yte), init=init)
+                if cfg.ste_epochs and init in cfg.ste_from:
+                    qhead = thead.clone(quant=WeightQuant(cfg.method, n))
+                    t = time.perf_counter()
+                    sp = train(qhead, tp, xtr, ytr, epochs=cfg.ste_epochs, lr=cfg.tt_lr, **fit)
+                    add("tt_ternary", rank, n, "ste", evaluate(qhead, sp, xte, yte), init=init,
+                        epochs=cfg.ste_epochs, seconds=time.perf_counter() - t)
+    # how far training moved fc1 from its random init (what TT-SVD has to compress besides the init)
+    update = float(np.linalg.norm(w1 - w0) / np.linalg.norm(w1))
+    extra = {"model_top1": model_top1, "fc1_update_rel_norm": update, "num_train": int(len(ytr)), "num_test": int(len(yte)),
              "feature_dim": feat_dim, "num_classes": classes, "seconds": time.perf_counter() - t_start}
     return rows, extra
 
@@ -367,23 +373,26 @@ def plot(rows, model_top1: float | None, path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[tuple, list] = {}  # (family, N, dashed) -> points; one colour per (family, N)
+    curves: dict[tuple, list] = {}  # (colour key, dashed, label) -> points
     for r in rows:
-        family = {"dense": "dense", "tt": "TT", "tt_ternary": "TT ternary"}[r["variant"]]
-        if r["group_size"] is not None:
-            label = f"{family} N={r['group_size']} ({'post-training' if r['stage'] == 'ptq' else 'STE fine-tune'})"
+        init = {"svd": "TT-SVD init", "random": "random init"}.get(r["init"], "")
+        if r["variant"] == "dense":
+            label = "dense FP head" if r["group_size"] is None else f"dense ternary N={r['group_size']} (post-training)"
+        elif r["variant"] == "tt":
+            label = "TT-SVD, no fine-tune" if r["stage"] == "svd" else f"TT, {init}, trained"
         else:
-            label = {"svd": "TT-SVD, no fine-tune", "finetuned": "TT from TT-SVD, fine-tuned",
-                     "scratch": "TT from random init (control)"}.get(r["stage"], "dense FP head")
-        key = (family if r["stage"] != "scratch" else "scratch", r["group_size"], r["stage"] in ("ptq", "svd"))
-        curves.setdefault(key + (label,), []).append((r["fc1_compression"], r["top1"]))
+            how = "post-training" if r["stage"] == "ptq" else "STE fine-tune"
+            label = f"TT ternary N={r['group_size']}, {init}, {how}"
+        colour = (r["variant"], r["init"] if r["variant"] != "dense" else None, r["group_size"])
+        curves.setdefault((colour, r["stage"] in ("ptq", "svd"), label), []).append((r["fc1_compression"], r["top1"]))
     colours = {}
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (family, n, dashed, label), pts in curves.items():
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for (colour, dashed, label), pts in curves.items():
         pts.sort()
-        c = colours.setdefault((family, n), f"C{len(colours)}")
-        ax.plot(*zip(*pts), "--" if dashed else "-", color=c, marker="o", label=label,
-                alpha=0.5 if dashed else 1.0)
+        c = plt.cm.tab20(len(colours) % 20) if colour not in colours else colours[colour]
+        colours[colour] = c
+        ax.plot(*zip(*pts), "--" if dashed else "-", color=c, marker="o", ms=4, label=label,
+                alpha=0.55 if dashed else 1.0)
     if model_top1 is not None:
         ax.axhline(model_top1, color="gray", lw=0.8, label=f"model's own fc ({model_top1:.2f}%)")
     ax.set_xscale("log")
@@ -391,7 +400,7 @@ def plot(rows, model_top1: float | None, path: Path, title: str = "") -> Path:
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="lower left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("." + path.name + ".tmp.png")
