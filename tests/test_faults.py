@@ -194,3 +194,46 @@ def test_dataset_cache(tmp_path_factory, mode, data):
     if got is not None:
         assert all(np.array_equal(a, b) for a, b in zip(got, arrays))
     assert os.path.exists(path)
+
+
+@pytest.fixture(scope="module")
+def saved_train_checkpoints(tmp_path_factory):
+    """Two fine-tuning checkpoints (steps 1, 2) of a small TrainState, as fit saves them."""
+    import optax
+
+    from fgq_jax.train.checkpointing import Checkpointer
+    from fgq_jax.train.state import create_train_state
+
+    wd = tmp_path_factory.mktemp("train")
+    v = _variables()
+    state = create_train_state(v, optax.sgd(0.1, momentum=0.9), 0, {"fc": 0.5})
+    states = {}
+    with Checkpointer(wd, 5, {"config": {}, "act_layers": [["fc", 8, False]]}) as ckpt:
+        for step in (1, 2):
+            state = state.replace(step=state.step + 1,
+                                  params=jax.tree.map(lambda a: a + 0.01 * step, state.params))
+            states[step] = jax.device_get(state)
+            ckpt.save(step, state)
+    return wd, states, state
+
+
+@pytest.mark.parametrize("mode", ["flip", "truncate"])
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_finetune_checkpoint(saved_train_checkpoints, tmp_path_factory, mode, data):
+    """Damage the newest checkpoint: resume restores an intact step exactly, or says none is."""
+    from fgq_jax.checkpoint import CheckpointMismatchError
+    from fgq_jax.train.checkpointing import readable_checkpoints, restore_newest_intact
+
+    src, states, like = saved_train_checkpoints
+    wd = tmp_path_factory.mktemp("case")
+    shutil.copytree(src, wd, dirs_exist_ok=True)
+    _damage(wd / "checkpoints" / "2", data, mode)
+    try:
+        step, _, state = restore_newest_intact(wd, readable_checkpoints(wd), like)
+    except CLEAR_ERRORS + (CheckpointMismatchError,) as e:
+        assert "checkpoint" in str(e)
+        return
+    assert step in (1, 2)
+    assert _same(jax.device_get(state.params), states[step].params)
+    assert _same(jax.device_get(state.opt_state), states[step].opt_state)
