@@ -2,6 +2,7 @@
 
     python -m experiments.tt_head --config experiments/configs/tt_head_resnet20.py
     python -m experiments.tt_head --compression-only
+    python -m experiments.tt_head --config experiments/configs/tt_head_resnet20.py --plot-only
 
 Writes results/<dataset>/<model>/<name>.{csv,json,png} (compression vs top-1; see fgq_jax.tt_head)
 and results/tt_compression.{md,json} (TT compression of AlexNet's and VGG-16's fully-connected
@@ -22,23 +23,32 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results root (default: <repo>/results)")
     parser.add_argument("--compression-only", action="store_true",
                         help="only write results/tt_compression.{md,json}")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="only redraw <name>.png from the existing <name>.json")
     args = parser.parse_args(argv)
     if not args.config and not args.compression_only:
         parser.error("--config is required (or --compression-only)")
+    if args.plot_only and not args.config:
+        parser.error("--plot-only needs --config")
 
     from fgq_jax import results, tt_head
     from fgq_jax.configfile import load_get_config
 
+    cfg = None
+    if args.config:
+        try:
+            cfg = load_get_config(args.config)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"tt_head: {e}") from None
+    if args.plot_only:
+        print(f"[tt_head] wrote {tt_head.replot(cfg, args.out)}")
+        return 0
     command = "python -m experiments.tt_head " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     paths = tt_head.write_compression_table(args.out, results.run_metadata(command=command))
     print(f"[tt_head] wrote {paths['md']}, {paths['json'].name}")
     if args.compression_only:
         return 0
-    try:
-        cfg = load_get_config(args.config)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"tt_head: {e}") from None
     meta = results.run_metadata(seed=cfg.seed, command=command, config_file=args.config,
                                 experiment=dataclasses.asdict(cfg))
     start = time.perf_counter()

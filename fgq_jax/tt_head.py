@@ -361,9 +361,18 @@ def write_results(cfg: TTHeadConfig, rows, extra, meta, out_root: Path | None = 
     paths = results_paths(cfg, out_root)
     results.write_csv(paths["csv"], rows, COLUMNS)
     results.write_json(paths["json"], {"metadata": meta, **extra, "rows": rows})
-    plot(rows, extra.get("model_top1"), paths["png"], title=f"{cfg.model} {cfg.dataset}: TT fc1 of a "
-         f"{math.prod(cfg.in_modes)}-{cfg.hidden}-{extra.get('num_classes', '?')} head on frozen features")
+    replot(cfg, out_root)
     return paths
+
+
+def replot(cfg: TTHeadConfig, out_root: Path | None = None) -> Path:
+    """Draw <name>.png from the rows of an existing <name>.json."""
+    import json
+
+    paths = results_paths(cfg, out_root)
+    saved = json.loads(paths["json"].read_text())
+    return plot(saved["rows"], saved.get("model_top1"), paths["png"], title=f"{cfg.model} {cfg.dataset}: TT "
+                f"fc1 of a {math.prod(cfg.in_modes)}-{cfg.hidden}-{saved.get('num_classes', '?')} head on frozen features")
 
 
 def plot(rows, model_top1: float | None, path: Path, title: str = "") -> Path:
@@ -389,7 +398,7 @@ def plot(rows, model_top1: float | None, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for (colour, dashed, label), pts in curves.items():
         pts.sort()
-        c = plt.cm.tab20(len(colours) % 20) if colour not in colours else colours[colour]
+        c = plt.cm.tab10(len(colours) % 10) if colour not in colours else colours[colour]
         colours[colour] = c
         ax.plot(*zip(*pts), "--" if dashed else "-", color=c, marker="o", ms=4, label=label,
                 alpha=0.55 if dashed else 1.0)
