@@ -672,8 +672,8 @@ def compression_markdown(table: Mapping[str, Any]) -> str:
     out = [
         "# TT compression of AlexNet's and VGG-16's fully-connected layers",
         "",
-        "Computed by `fgq_jax.tt.paper_fc_compression` (written by `python -m experiments.tt_head "
-        "--compression-only`). Reference values from Novikov et al. 2015 (Table 2, VGG-16) are in the "
+        "Computed by `fgq_jax.tt.paper_fc_compression`; written by every `python -m experiments.tt_head` "
+        "run (`--compression-only`: nothing else). Reference values from Novikov et al. 2015 (Table 2, VGG-16) are in the "
         "`paper` columns; every other number is computed from the shapes. Layer ratios count weights "
         "(no biases); network ratios count all parameters. Ternary: TT cores with 2-bit codes and one "
         f"fp{table['scale_bits']} scale per group of N along each core's reduction axis, vs float32.",

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fgq_jax import results, tt
+from fgq_jax import fileio, tt
 from fgq_jax.transforms import WeightQuant
 
 COLUMNS = (
@@ -59,7 +59,8 @@ class TTHeadConfig:
       from a random init (``TTDense``'s default init, fc2 too) for ``tt_epochs`` (rows with
       init "random"): the control for the TT-SVD init. ste_from: the inits ("svd", "random") whose
       trained TT heads get the STE fine-tune with ternary cores.
-    train_limit / test_limit: a random subset of n images of each split (smoke tests only).
+    train_limit / test_limit: n images of each split, as many of each class
+      (:func:`fgq_jax.loading.load_labeled`; smoke tests only).
     """
 
     name: str = "tt_head"
@@ -143,27 +144,21 @@ def extract_features(module: nn.Module, variables: Any, images: np.ndarray, laye
 def cached_features(cfg: TTHeadConfig, split: str, cache_dir: Path | None = None):
     """(features float32 [N, F], labels int32 [N], model logits [N, classes]) of one split, cached
     under ``<repo>/.cache/tt_head/`` (keyed by model, checkpoint, layer, dataset, split, limit)."""
-    from fgq_jax.data import load_arrays
-    from fgq_jax.sweep import load_model
+    from fgq_jax.loading import load_labeled, load_model
 
     limit = cfg.train_limit if split == "train" else cfg.test_limit
     key = "|".join(map(str, (cfg.model, cfg.checkpoint, cfg.feature_layer, cfg.dataset, split, limit)))
-    cache_dir = Path(cache_dir) if cache_dir else results.REPO_ROOT / ".cache" / "tt_head"
+    cache_dir = Path(cache_dir) if cache_dir else fileio.REPO_ROOT / ".cache" / "tt_head"
     path = cache_dir / f"{cfg.model}_{cfg.dataset}_{split}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
     if path.exists():
         with np.load(path) as z:
             return z["features"], z["labels"], z["logits"]
-    images, labels = load_arrays(cfg.dataset, split)
-    if limit is not None:  # a random subset: the splits are stored sorted by class
-        idx = np.sort(np.random.default_rng(cfg.seed).permutation(len(labels))[:limit])
-        images, labels = images[idx], labels[idx]
-    spec, variables = load_model(cfg)
+    images, labels = load_labeled(cfg.dataset, split, limit)
+    spec, variables = load_model(cfg.model, cfg.checkpoint)
     feats, logits = extract_features(spec.module, variables, images, cfg.feature_layer,
                                      family=spec.dataset_family, batch_size=cfg.extract_batch)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, features=feats, labels=labels.astype(np.int32), logits=logits)
-    tmp.replace(path)
+    with fileio.atomic_file(path) as f:
+        np.savez(f, features=feats, labels=labels.astype(np.int32), logits=logits)
     return feats, labels.astype(np.int32), logits
 
 
@@ -352,18 +347,27 @@ def run(cfg: TTHeadConfig, log=print) -> tuple[list[dict], dict]:
 
 
 def results_paths(cfg: TTHeadConfig, out_root: Path | None = None) -> dict[str, Path]:
-    base = (Path(out_root) if out_root else results.REPO_ROOT / "results") / cfg.dataset / cfg.model / cfg.name
+    base = (Path(out_root) if out_root else fileio.REPO_ROOT / "results") / cfg.dataset / cfg.model / cfg.name
     return {s: base.with_suffix("." + s) for s in ("csv", "json", "png")}
 
 
 def write_results(cfg: TTHeadConfig, rows, extra, meta, out_root: Path | None = None) -> dict[str, Path]:
     """results/<dataset>/<model>/<name>.{csv,json,png}."""
     paths = results_paths(cfg, out_root)
-    results.write_csv(paths["csv"], rows, COLUMNS)
-    results.write_json(paths["json"], {"metadata": meta, **extra, "rows": rows})
-    plot(rows, extra.get("model_top1"), paths["png"], title=f"{cfg.model} {cfg.dataset}: TT fc1 of a "
-         f"{math.prod(cfg.in_modes)}-{cfg.hidden}-{extra.get('num_classes', '?')} head on frozen features")
+    fileio.write_csv(paths["csv"], rows, COLUMNS)
+    fileio.write_json(paths["json"], {"metadata": meta, **extra, "rows": rows})
+    replot(cfg, out_root)
     return paths
+
+
+def replot(cfg: TTHeadConfig, out_root: Path | None = None) -> Path:
+    """Draw <name>.png from the rows of an existing <name>.json."""
+    import json
+
+    paths = results_paths(cfg, out_root)
+    saved = json.loads(paths["json"].read_text())
+    return plot(saved["rows"], saved.get("model_top1"), paths["png"], title=f"{cfg.model} {cfg.dataset}: TT "
+                f"fc1 of a {math.prod(cfg.in_modes)}-{cfg.hidden}-{saved.get('num_classes', '?')} head on frozen features")
 
 
 def plot(rows, model_top1: float | None, path: Path, title: str = "") -> Path:
@@ -389,7 +393,7 @@ def plot(rows, model_top1: float | None, path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for (colour, dashed, label), pts in curves.items():
         pts.sort()
-        c = plt.cm.tab20(len(colours) % 20) if colour not in colours else colours[colour]
+        c = plt.cm.tab10(len(colours) % 10) if colour not in colours else colours[colour]
         colours[colour] = c
         ax.plot(*zip(*pts), "--" if dashed else "-", color=c, marker="o", ms=4, label=label,
                 alpha=0.55 if dashed else 1.0)
@@ -402,19 +406,17 @@ def plot(rows, model_top1: float | None, path: Path, title: str = "") -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6.5, loc="lower left")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with fileio.atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
 def write_compression_table(out_root: Path | None = None, meta: dict | None = None) -> dict[str, Path]:
     """results/tt_compression.{md,json}: :func:`fgq_jax.tt.paper_fc_compression`."""
-    root = Path(out_root) if out_root else results.REPO_ROOT / "results"
+    root = Path(out_root) if out_root else fileio.REPO_ROOT / "results"
     table = tt.paper_fc_compression()
     paths = {"md": root / "tt_compression.md", "json": root / "tt_compression.json"}
-    results.atomic_write_text(paths["md"], tt.compression_markdown(table))
-    results.write_json(paths["json"], {"metadata": meta or {}, **table})
+    fileio.atomic_write_text(paths["md"], tt.compression_markdown(table))
+    fileio.write_json(paths["json"], {"metadata": meta or {}, **table})
     return paths

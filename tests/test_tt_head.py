@@ -65,3 +65,18 @@ def test_ternary_dense_head_uses_the_ternarized_kernel():
 
     want = jax.nn.relu(x @ ternarize(params["kernel_fc1"], 4).dequantize())[:, :3]
     np.testing.assert_allclose(head.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_config_file_and_cli_compression_table(tmp_path):
+    from pathlib import Path
+
+    from experiments import tt_head as cli
+    from fgq_jax.configfile import load_config
+
+    path = Path(__file__).resolve().parent.parent / "experiments/configs/tt_head_resnet20.py"
+    assert path.read_text().startswith(f"# python -m experiments.tt_head --config experiments/configs/{path.name}\n")
+    cfg = load_config(path, ["ranks=(2,)"], tt_head.TTHeadConfig)
+    assert cfg.ranks == (2,) and cfg.hidden == 1024
+    assert cli.main(["--compression-only", "--out", str(tmp_path)]) == 0
+    assert "| vgg16 | TT4 TT4 FC | 37,732.8 | 37,732 | 7.35 | 7.4 |" in (tmp_path / "tt_compression.md").read_text()
+    assert (tmp_path / "tt_compression.json").exists()
