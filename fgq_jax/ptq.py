@@ -18,7 +18,8 @@ import numpy as np
 
 from fgq_jax import activations, repairs, transforms
 from fgq_jax.activations import ActConfig, Calibration
-from fgq_jax.data import augment_cifar, normalize
+from fgq_jax.data import augment_cifar, normalize, pixel_batch_size
+from fgq_jax.equalize import equalize_params
 from fgq_jax.intercept import capture_layer_io, linear_layer_paths
 from fgq_jax.recipe import QuantRecipe
 from fgq_jax.ternary import dequantize_tree
@@ -81,6 +82,8 @@ def quantize_model(
     if rep.any and rep.augment_images and family == "cifar":
         repair_images = np.asarray(augment_cifar(jax.random.key(recipe.seed), jnp.asarray(repair_images)))
 
+    if rep.equalize:  # a reparametrization of the FP model: every later step sees the equalized one
+        variables_fp = {**variables_fp, "params": equalize_params(variables_fp["params"], spec.equalization_pairs)}
     quantized, act_layers = quantized_layers(spec, variables_fp, recipe)
     ternary_params = None
     variables = dict(variables_fp)
@@ -159,6 +162,7 @@ def calibrate_steps(
     """
     layers = list(layers)
     x = normalize(jnp.asarray(images), family)
+    batch_size = pixel_batch_size(images.shape[1:], batch_size)
     batches = [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
     # Signedness first, from one unquantized pass: inputs that follow a ReLU are never negative
     # whatever happens upstream, so this decides each quantizer's range once and for all.

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 FIRST_LAST = ("fp", "8")
-REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit")
+REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit", "equalize")
 # The row key of a point (besides the model): exactly the CSV spelling of the committed results.
 # A repair added later is a new key column; rows written before it read it as false.
 KEY_COLUMNS = ("method", "group_size", "act_bits", "first_last", *REPAIRS)
@@ -157,8 +157,10 @@ class ActivationSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RepairSpec:
-    """Label-free repairs (`fgq_jax.repairs`), in the order quantize_model applies them:
-    scale fitting, bias correction, BN re-estimation (then the activation steps are recalibrated).
+    """Label-free repairs, in the order quantize_model applies them: cross-layer equalization of
+    the FP weights before ternarization (`fgq_jax.equalize`; data-free, for models that declare
+    equalization pairs), then on the ternarized network (`fgq_jax.repairs`) scale fitting, bias
+    correction, BN re-estimation (then the activation steps are recalibrated).
 
     num_repair: unlabeled images the repairs see; num_fit: the first of them used by scale fitting.
     augment_images: the repairs see the images with the training augmentation (CIFAR: pad-4 random
@@ -170,6 +172,7 @@ class RepairSpec:
     bn_reestimate: bool = False
     bias_correct: bool = False
     scale_fit: bool = False
+    equalize: bool = False
     num_repair: int = 2048
     num_fit: int = 512
     augment_images: bool = True
@@ -185,6 +188,7 @@ class RepairSpec:
 
     @property
     def any(self) -> bool:
+        """A repair that needs the unlabeled repair images is on (equalization needs none)."""
         return self.bn_reestimate or self.bias_correct or self.scale_fit
 
     @property
@@ -205,6 +209,7 @@ _FLAT = {
     "bn_reestimate": ("repairs", "bn_reestimate"),
     "bias_correct": ("repairs", "bias_correct"),
     "scale_fit": ("repairs", "scale_fit"),
+    "equalize": ("repairs", "equalize"),
     "num_repair": ("repairs", "num_repair"),
     "num_fit": ("repairs", "num_fit"),
     "augment_repair_images": ("repairs", "augment_images"),
@@ -231,9 +236,10 @@ class QuantRecipe:
                 raise ValueError(f"QuantRecipe.{name} must be a {cls.__name__}, got {part!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if not self.weights.quantized and (self.repairs.bias_correct or self.repairs.scale_fit):
-            raise ValueError("method 'fp' takes only bn_reestimate among the repairs "
-                             "(no weight error for bias correction or scale fitting to repair)")
+        rep = self.repairs
+        if not self.weights.quantized and (rep.bias_correct or rep.scale_fit or rep.equalize):
+            raise ValueError("method 'fp' takes only bn_reestimate among the repairs (no weight "
+                             "error for bias correction, scale fitting or equalization to repair)")
 
     # ---- flat spelling --------------------------------------------------------------------------
     @classmethod

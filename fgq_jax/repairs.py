@@ -22,30 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgq_jax.data import normalize
+from fgq_jax.data import normalize, pixel_batch_size
 from fgq_jax.activations import ActConfig
 from fgq_jax.intercept import LINEAR_LAYERS, intercepting, layer_path, linear_layer_paths
 from fgq_jax.ternary import group_onehot, is_ternary
-from fgq_jax.transforms import path_to_str
+from fgq_jax.transforms import get_at, path_to_str, set_at
 
 
 def _batches(images: np.ndarray, family: str, batch_size: int):
+    """Normalised batches of at most `batch_size` images (fewer for large images: pixel budget)."""
+    batch_size = pixel_batch_size(images.shape[1:], batch_size)
     for i in range(0, images.shape[0], batch_size):
         yield normalize(jnp.asarray(images[i : i + batch_size]), family)
-
-
-def _get(tree: Mapping[str, Any], path: str):
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: Mapping[str, Any], path: str, value) -> dict:
-    """Functional update of a nested dict at a '/'-joined path (copies only along the path)."""
-    key, _, rest = path.partition("/")
-    out = dict(tree)
-    out[key] = _set(tree[key], rest, value) if rest else value
-    return out
 
 
 def _apply_quantized(module, v, x, act_cfg, act_steps, observer, *, train=False, captured=None):
@@ -103,10 +91,10 @@ def reestimate_bn(
     for path in per_batch[0]:
         means = jnp.stack([m[path][0] for m in per_batch])
         vars_ = jnp.stack([m[path][1] for m in per_batch])
-        entry = dict(_get(stats, path))
+        entry = dict(get_at(stats, path))
         entry["mean"] = jnp.mean(means, 0)
         entry["var"] = jnp.mean(vars_, 0) + jnp.var(means, 0)
-        stats = _set(stats, path, entry)
+        stats = set_at(stats, path, entry)
     return {**variables, "batch_stats": stats}
 
 
@@ -182,7 +170,7 @@ def bias_correction(
     act_cfg = act_cfg or ActConfig()
     layers = list(layers)
     diffs = {
-        p: {"kernel": _get(params_fp, p)["kernel"] - _get(variables_q["params"], p)["kernel"]}
+        p: {"kernel": get_at(params_fp, p)["kernel"] - get_at(variables_q["params"], p)["kernel"]}
         for p in layers
     }
 
@@ -198,13 +186,13 @@ def bias_correction(
         shift = jnp.mean(jnp.stack([r[path] for r in results]), 0)
         if path in consumers:
             bn = consumers[path]
-            entry = dict(_get(stats, bn))
+            entry = dict(get_at(stats, bn))
             entry["mean"] = entry["mean"] - shift
-            stats = _set(stats, bn, entry)
-        elif "bias" in _get(params, path):
-            layer = dict(_get(params, path))
+            stats = set_at(stats, bn, entry)
+        elif "bias" in get_at(params, path):
+            layer = dict(get_at(params, path))
             layer["bias"] = layer["bias"] + shift
-            params = _set(params, path, layer)
+            params = set_at(params, path, layer)
         else:
             raise ValueError(
                 f"bias_correction: layer {path!r} has neither a bias nor a BatchNorm consuming its "
@@ -343,9 +331,9 @@ def fit_scales(
         for x in xs:
             m = _layer_moments(module, act_cfg, path, v_q, variables_fp, act_steps, x)
             c_qq, c_qf = c_qq + m[0], c_qf + m[1]
-        layer = _get(params, path)
-        kernel_fp = _get(variables_fp["params"], path)["kernel"]
+        layer = get_at(params, path)
+        kernel_fp = get_at(variables_fp["params"], path)["kernel"]
         new_layer = dict(layer)
         new_layer["kernel"] = _fit_layer_scales(layer["kernel"], c_qq, c_qf, kernel_fp, ridge)
-        params = _set(params, path, new_layer)
+        params = set_at(params, path, new_layer)
     return params

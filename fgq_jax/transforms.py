@@ -141,6 +141,24 @@ def path_to_str(path: Sequence[Any]) -> str:
     return "/".join(_key_str(k) for k in keys)
 
 
+def get_at(tree: Any, path: str):
+    """The subtree of a nested dict at a '/'-joined path (e.g. "layer1_0/conv1"); KeyError naming
+    the path and the missing key."""
+    for key in path.split("/"):
+        if key not in tree:
+            raise KeyError(f"no {path!r} in the tree (at {key!r})")
+        tree = tree[key]
+    return tree
+
+
+def set_at(tree: Any, path: str, value) -> dict:
+    """Functional update of a nested dict at a '/'-joined path (copies only along the path)."""
+    key, _, rest = path.partition("/")
+    out = dict(tree)
+    out[key] = set_at(tree[key], rest, value) if rest else value
+    return out
+
+
 def _flatten(params: Any):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=ternary.is_ternary)
     return [(path_to_str(p), x) for p, x in leaves], treedef

@@ -47,6 +47,7 @@ from fgq_jax.data.pipeline import (
     load_arrays,
     normalize,
     num_batches,
+    pixel_batch_size,
     prepare_builder,
     train_batches,
 )
@@ -56,6 +57,6 @@ __all__ = [
     "IMAGENET_RESIZE", "IMAGENET_STD", "MEAN", "STD", "apply_augment", "augment_cifar",
     "augment_params", "batches", "cache_path", "center_crop", "default_data_dir",
     "default_manual_dir", "default_shared_dir", "epoch_permutation", "imagenet_preprocess",
-    "imagenet_resize_size", "load_arrays", "normalize", "num_batches", "prepare_builder",
+    "imagenet_resize_size", "load_arrays", "normalize", "num_batches", "pixel_batch_size", "prepare_builder",
     "train_batches",
 ]

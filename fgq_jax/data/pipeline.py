@@ -458,6 +458,18 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ batching
+# Label-free passes (calibration, repairs) batch by pixels, not images: their default image counts
+# (250-500) suit 32x32 CIFAR images; a 227x227 batch of 500 would need gigabytes per activation.
+MAX_BATCH_PIXELS = 512 * 32 * 32
+
+
+def pixel_batch_size(image_shape, max_images: int) -> int:
+    """Images per batch: at most `max_images`, and at most MAX_BATCH_PIXELS pixels (>= 1 image).
+    image_shape: (H, W, C) or (H, W)."""
+    h, w = image_shape[:2]
+    return max(1, min(int(max_images), MAX_BATCH_PIXELS // (int(h) * int(w))))
+
+
 def num_batches(n: int, batch_size: int, drop_remainder: bool = False) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 

@@ -24,7 +24,7 @@ from fgq_jax.models.alexnet import AlexNet
 from fgq_jax.models.cifar_resnet import CIFAR_DEPTHS, CifarResNet
 from fgq_jax.models.layers import TorchBatchNorm, adaptive_avg_pool, max_pool
 from fgq_jax.models.resnet import RESNET_CONFIGS, ResNet
-from fgq_jax.models.squeezenet import SQUEEZENET_VERSIONS, SqueezeNet
+from fgq_jax.models.squeezenet import SQUEEZENET_VERSIONS, SqueezeNet, squeezenet_equalization_pairs
 
 __all__ = [
     "MODEL_NAMES",
@@ -65,6 +65,10 @@ class ModelSpec:
         ImageNet subset; the net is fully convolutional, so 224 inputs work too).
       num_classes: number of logits.
       dataset_family: "cifar" | "imagenet" (selects the normalisation in fgq_jax.data).
+      equalization_pairs: the layer pairs cross-layer equalization may rescale
+        (`fgq_jax.equalize`): producers -> consumers joined by positive-homogeneous operations only.
+        () for models with BatchNorm between their convolutions (the ResNets, where BN
+        re-estimation repairs the shift instead).
     """
 
     module: nn.Module
@@ -74,6 +78,7 @@ class ModelSpec:
     input_shape: tuple[int, int, int]
     num_classes: int
     dataset_family: str
+    equalization_pairs: tuple = ()
 
     @property
     def family(self) -> str:
@@ -116,7 +121,8 @@ def get_model(name: str, num_classes: int | None = None) -> ModelSpec:
     if key in SQUEEZENET_VERSIONS:
         nc = 1000 if num_classes is None else int(num_classes)
         module = SqueezeNet(version=SQUEEZENET_VERSIONS[key], num_classes=nc)
-        return ModelSpec(module, key, "features_0", "classifier_1", SQUEEZENET_INPUT_SHAPE, nc, "imagenet")
+        return ModelSpec(module, key, "features_0", "classifier_1", SQUEEZENET_INPUT_SHAPE, nc, "imagenet",
+                         squeezenet_equalization_pairs(SQUEEZENET_VERSIONS[key]))
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
 
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fgq_jax.equalize import EqualizationPair
 from fgq_jax.models.layers import max_pool, pad2d
 
 # torch.nn.init.kaiming_uniform_(w) (a=0, fan_in, leaky_relu gain sqrt(2)): U(-sqrt(6/fan_in), +).
@@ -109,3 +110,22 @@ class SqueezeNet(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)  # classifier.0
         x = nn.relu(_conv(self.num_classes, 1, name="classifier_1", kernel_init=_final_init)(x))
         return jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1)) + flatten
+
+
+def squeezenet_equalization_pairs(version: str):
+    """The cross-layer-equalization pairs of SqueezeNet ``version`` (`fgq_jax.equalize`).
+
+    Between the layers of each pair there are only ReLU, ceil-mode max pools, the channel concat and
+    dropout, all positive-homogeneous: the first conv -> the first squeeze; in each fire, the squeeze
+    -> both expands; the concat of a fire's expands -> the next squeeze, and the last fire's -> the
+    classifier's 1x1 conv (its ReLU and the average pool come after it, so its output is unchanged).
+    """
+    names = [f"features_{i}" for i, layer in enumerate(SQUEEZENET_FEATURES[version])
+             if isinstance(layer, tuple)]
+    pairs, outputs = [], (names[0],)  # the layers whose concatenated outputs feed the next layer
+    for fire in names[1:]:
+        pairs.append(EqualizationPair(outputs, (f"{fire}/squeeze",)))
+        pairs.append(EqualizationPair((f"{fire}/squeeze",), (f"{fire}/expand1x1", f"{fire}/expand3x3")))
+        outputs = (f"{fire}/expand1x1", f"{fire}/expand3x3")
+    pairs.append(EqualizationPair(outputs, ("classifier_1",)))
+    return tuple(pairs)
