@@ -12,10 +12,10 @@ import argparse
 import sys
 
 from fgq_jax.fileio import read_csv
+from fgq_jax.recipe import REPAIRS
 from fgq_jax.results import act_bits_order
 
-SWEEP_COLUMNS = ("method", "group_size", "act_bits", "bn_reestimate", "bias_correct", "scale_fit",
-                 "top1", "top5", "quantized_mult_eliminated_pct", "bits_per_weight",
+SWEEP_COLUMNS = ("method", "group_size", "act_bits", *REPAIRS, "top1", "top5", "quantized_mult_eliminated_pct", "bits_per_weight",
                  "potential_speedup", "top1_rounded_multipliers")
 FINETUNE_COLUMNS = ("model", "method", "group_size", "act_bits", "distill", "epochs", "top1_start",
                     "top1_final", "fp_top1", "overhead_pct", "step_time_ratio")
@@ -36,9 +36,12 @@ def table(rows, columns) -> str:
     return "\n".join(lines)
 
 
+# the short names of the pivot's column heads, in the order they are written
+REPAIR_ABBREV = {"equalize": "eq", "bn_reestimate": "BN", "bias_correct": "bias", "scale_fit": "fit"}
+
+
 def _repairs(r) -> str:
-    names = [n for n, k in (("BN", "bn_reestimate"), ("bias", "bias_correct"), ("fit", "scale_fit"))
-             if r.get(k) == "true"]
+    names = [n for k, n in REPAIR_ABBREV.items() if r.get(k) == "true"]
     return "+".join(names) or "none"
 
 
@@ -56,7 +59,7 @@ def pivot(rows) -> str:
     for r in rows:
         col = f"a{r['act_bits']} {_repairs(r)}"
         key = (r["method"], r["group_size"])
-        repairs = sum(r.get(k) == "true" for k in ("bn_reestimate", "bias_correct", "scale_fit"))
+        repairs = sum(r.get(k) == "true" for k in REPAIRS)
         cols.setdefault(col, (act_bits_order(r["act_bits"]), repairs, len(cols)))
         keys.setdefault(key, r)
         cell[key, col] = _fmt(r["top1"])

@@ -881,36 +881,11 @@ def test_shared_imagenet_subset_files_labels_and_preprocessing():
 
 
 # ------------------------------------------------------------- imagenet2012 (official layout)
-# The first validation images' labels (tfds' validation_labels.txt lines 1-4 -> class indices).
-VAL_LABELS = {1: 65, 2: 970, 3: 230, 4: 809}
-
-
-def test_imagenet2012_fake_official_manual_dir_end_to_end(tmp_path):
-    """tfds' own imagenet2012 builder, offline, on a tiny manual dir in the official layout:
-    ILSVRC2012_img_train.tar holding one tar per class (n01440764.tar, ...) of <wnid>_<n>.JPEG, and
-    ILSVRC2012_img_val.tar holding ILSVRC2012_val_<8 digits>.JPEG. Through load_arrays: Pillow
-    decode, resize 256 (bilinear) + centre crop 224, labels.
-
-    tfds labels the validation files by their *sorted position* in the tar (it zips the sorted
-    names with its 50,000-line label list), so a partial val tar is labelled right only if it holds
-    the first k images: here ILSVRC2012_val_00000001 .. 04.
-    """
-    rng = np.random.default_rng(13)
-    manual = tmp_path / "imagenet_manual"
-    manual.mkdir()
-    train_sizes = {"n01440764": [(300, 400), (256, 256)], "n01443537": [(375, 500)]}  # classes 0, 1
-    train, inner = {}, {}
-    for wnid, sizes in train_sizes.items():
-        members = {f"{wnid}_{i}.JPEG": _jpeg_bytes(rng, 90, (*hw, 3)) for i, hw in enumerate(sizes)}
-        buf = io.BytesIO()
-        _write_tar(buf, members, mode="w")
-        inner[f"{wnid}.tar"] = buf.getvalue()
-        train.update(members)
-    _write_tar(manual / "ILSVRC2012_img_train.tar", inner, mode="w")
-    val_sizes = {1: (333, 500), 2: (500, 375), 3: (224, 224), 4: (180, 260)}  # 4: upscaled
-    val = {f"ILSVRC2012_val_{i:08d}.JPEG": _jpeg_bytes(rng, 90, (*hw, 3)) for i, hw in val_sizes.items()}
-    _write_tar(manual / "ILSVRC2012_img_val.tar", val, rng, mode="w")  # shuffled member order
-
+def test_imagenet2012_fake_official_manual_dir_end_to_end(tmp_path, fake_imagenet2012):
+    """tfds' own imagenet2012 builder, offline, on a tiny manual dir in the official layout
+    (conftest.fake_imagenet2012). Through load_arrays: Pillow decode, resize 256 (bilinear) +
+    centre crop 224, labels."""
+    manual, train, val, val_labels = fake_imagenet2012
     data_dir = tmp_path / "tfds"
     x, y, ids = data.load_arrays(
         "imagenet2012", "validation", data_dir=data_dir, manual_dir=manual, return_ids=True
@@ -918,11 +893,11 @@ def test_imagenet2012_fake_official_manual_dir_end_to_end(tmp_path):
     assert x.shape == (4, 224, 224, 3) and x.dtype == np.uint8 and y.dtype == np.int32
     assert sorted(ids) == sorted(val)
     for image, label, name in zip(x, y, ids):
-        assert label == VAL_LABELS[int(name[len("ILSVRC2012_val_") : -len(".JPEG")])], name
+        assert label == val_labels[name], name
         np.testing.assert_array_equal(image, _resize_crop_reference(val[name], 224), err_msg=name)
 
     x, y, ids = data.load_arrays("imagenet2012", "train", data_dir=data_dir, return_ids=True)
     assert x.shape == (3, 224, 224, 3) and sorted(ids) == sorted(train)
     for image, label, name in zip(x, y, ids):
-        assert label == list(train_sizes).index(name.split("_")[0]), name
+        assert label == ["n01440764", "n01443537"].index(name.split("_")[0]), name
         np.testing.assert_array_equal(image, _resize_crop_reference(train[name], 224), err_msg=name)

@@ -185,3 +185,41 @@ def test_a_committed_repaired_point_reproduces_exactly(tmp_path):
                             repairs=(("bn_reestimate", "bias_correct"),))
     rows = list(csv.DictReader(open(sweep.run_sweep(cfg, out_root=tmp_path, progress=False, plots=False))))
     assert (rows[0]["top1"], rows[0]["top5"]) == (committed["top1"], committed["top5"])
+
+
+def test_imagenet2012_recipe_runs_on_a_fake_official_manual_dir(tmp_path, fake_imagenet2012):
+    """The README's ImageNet recipe (experiments/configs/sweep_imagenet2012.py, its command line)
+    end to end without the real data: tfds imagenet2012 prepared from a fake manual dir in the
+    official layout at the documented place ($FGQ_DATA_DIR/downloads/manual), a torchvision
+    state_dict converted on the fly (random ResNet-18 weights: ResNet-50 costs minutes of
+    compilation on 2 cores for the same code path), calibration and repairs on the train split."""
+    manual = fake_imagenet2012[0]
+    data_dir = tmp_path / "tfds"
+    (data_dir / "downloads").mkdir(parents=True)
+    manual.rename(data_dir / "downloads" / "manual")
+    ckpt = tmp_path / "resnet18.pth"
+    # in a process of its own: torchvision imported after TensorFlow crashes
+    subprocess.run(
+        [sys.executable, "-c", "import sys, torch, torchvision; torch.manual_seed(0); "
+         "torch.save(torchvision.models.resnet18(weights=None).state_dict(), sys.argv[1])", str(ckpt)],
+        check=True, timeout=300,
+    )
+    out = tmp_path / "results"
+    sets = ["model=resnet18", f"checkpoint={ckpt}", "calib_split=train", "group_sizes=(4,)",
+            "act_bits=(8,)", "repairs=((), ('bn_reestimate', 'bias_correct'))", "num_calib=2",
+            "num_repair=3", "batch_size=2"]
+    cmd = [sys.executable, "-m", "experiments.sweep", "--config",
+           "experiments/configs/sweep_imagenet2012.py", "--out", str(out), "--no-plots"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "FGQ_DATA_DIR": str(data_dir), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "imagenet2012" / "resnet18" / "sweep_exact.csv")))
+    key = {(r["method"], r["bn_reestimate"], r["bias_correct"]) for r in rows}
+    assert key == {("fp", "false", "false"), ("fp", "true", "false"),
+                   ("exact", "false", "false"), ("exact", "true", "true")}
+    for r in rows:
+        assert r["num_test"] == "4" and r["dataset"] == "imagenet2012" and 0 <= float(r["top1"]) <= 100
+    exact = next(r for r in rows if r["method"] == "exact")
+    assert float(exact["quantized_mult_eliminated_pct"]) == pytest.approx(75.0)
