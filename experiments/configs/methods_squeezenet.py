@@ -1,6 +1,6 @@
 # python -m experiments.sweep --config experiments/configs/methods_squeezenet.py
 """SqueezeNet 1.1 on ImageNet val1300, 8-bit activations, N in {4, 16, 64}: the other ternary
-methods (TWN's 0.7 mean|w| threshold, absmean, binary codes, asymmetric two-scale exact), plain and
+methods (asymmetric two-scale exact, TWN's 0.7 mean|w| threshold, absmean, binary codes), plain and
 with scale fitting + bias correction; exact FGQ at the same points is in sweep_squeezenet.py."""
 from pathlib import Path
 
@@ -13,6 +13,6 @@ def get_config():
         name="methods",
         group_sizes=(4, 16, 64),
         act_bits=(8,),
-        methods=("twn", "absmean", "binary", "exact+asym"),
+        methods=("exact+asym", "twn", "absmean", "binary"),
         include_fp=False,
     )
