@@ -314,6 +314,10 @@ def test_binary_weights_and_activations_train_step_changes_params(tmp_path):
     s = run_fit(cfg, tmp_path / "w")
     assert s["act_layers"] == [["conv_a", 1, False], ["conv_b", 1, False]]  # both after a ReLU
     assert s["steps"] == 1 and 0.0 <= s["top1_start"] <= 100.0 and 0.0 <= s["top1_final"] <= 100.0
+    # accounting (in the results JSON): conv_a 8x8x8 outputs x L=72 + conv_b 4x4x16 x 72 bit operations
+    acc = s["accounting"]
+    assert acc["binary_ops"] == 512 * 72 + 256 * 72 == 55296
+    assert acc["binary_ops_pct"] == pytest.approx(100 * 55296 / acc["macs"])
     params = s["_state"].params
     for layer in ("conv_a", "conv_b", "fc"):
         new = np.asarray(params[layer]["kernel"])
