@@ -185,3 +185,22 @@ def test_a_committed_repaired_point_reproduces_exactly(tmp_path):
                             repairs=(("bn_reestimate", "bias_correct"),))
     rows = list(csv.DictReader(open(sweep.run_sweep(cfg, out_root=tmp_path, progress=False, plots=False))))
     assert (rows[0]["top1"], rows[0]["top5"]) == (committed["top1"], committed["top5"])
+
+
+def test_accounting_columns_count_binary_layers(tiny):
+    """Binary weights x 1-bit activations: bit operations and the binary time model, by hand.
+
+    conftest's TinyNet on 8x8x3: conv_a (first, FP) 8x8x4 outputs x L=27 = 6912 MACs; conv_b
+    (binary, per-channel scales) 4x4x6 = 96 outputs x L=36 = 3456 MACs; fc (last, FP) 60 MACs."""
+    import types
+
+    module, variables, _, _ = tiny
+    spec = types.SimpleNamespace(module=module, first_layer="conv_a", last_layer="fc", input_shape=(8, 8, 3))
+    recipe = QuantRecipe.make(method="binary", group_size="channel", act_bits=1, calibration=dict(method="mean"))
+    plain = sweep.accounting_columns(spec, variables, recipe)  # the sweep rows: no activation info
+    assert "binary_ops" not in plain
+    assert plain["potential_speedup"] == pytest.approx(10428 / (6912 + 96 / 4 + 3360 / 16 + 60))
+    cols = sweep.accounting_columns(spec, variables, recipe, {"conv_b": (1, False)})
+    assert cols["macs"] == 10428 and cols["binary_ops"] == 3456
+    assert cols["binary_ops_pct"] == pytest.approx(100 * 3456 / 10428)
+    assert cols["potential_speedup"] == pytest.approx(10428 / (6912 + 96 / 4 + 3360 / 32 + 60))
