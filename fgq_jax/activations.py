@@ -16,6 +16,16 @@ Conventions (shared by every function here):
 * ``levels=n`` overrides ``bits`` with an explicit number of levels: unsigned -> ``0 .. n-1``
   (``levels=2`` is the binary activation {0, s}); signed -> ``n`` must be odd, ``-(n-1)/2 .. (n-1)/2``.
 * rounding is round-half-to-even (``jnp.round``, same as ``numpy.round``), then clipping.
+* ``bits=1`` is the binary activation of BNN / XNOR-Net (Courbariaux et al. 2016, Rastegari et al.
+  2016): signed -> the sign quantizer ``s * sign(x)`` with the two levels {-s, +s} (``sign(0) = +1``;
+  there is no zero level, the codes are {-1, +1}); unsigned (after ReLU) -> {0, s}, ``x > s/2 -> s``
+  (the 2-level grid ``levels=2``; round-half-even sends ``x = s/2`` to 0). Its gradient is BNN's
+  hard-tanh STE expressed in units of the scale: 1 where ``|x| <= s`` (signed) or ``0 <= x <= s``
+  (unsigned), 0 elsewhere -- BNN's ``|u| <= 1`` for ``u = x / s``. The clip is tied to ``s`` rather than
+  to the constant 1 because these activations are not batch-normalised to unit scale (they are the
+  raw inputs of the layers), so a fixed clip at 1 would pass or block gradients depending on each
+  layer's arbitrary range. The scale is ``mean|x|`` (:func:`binary_scale`, XNOR-Net's optimum for the
+  sign quantizer), per tensor or per channel.
 """
 
 from __future__ import annotations
@@ -36,11 +46,13 @@ __all__ = [
     "quantize_activation",
     "quantize_activation_int",
     "calibrate",
+    "binary_scale",
     "ActivationSampler",
     "pow2_exponent",
 ]
 
-_METHODS = ("max", "percentile", "mse")
+_METHODS = ("max", "percentile", "mse", "mean")
+BITS_RANGE = (1, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +80,8 @@ class ActConfig:
 class Calibration:
     """How activation steps are chosen from sample activations (see :func:`calibrate`).
 
-    method: "max" | "percentile" | "mse"; percentile: for "percentile", in (0, 100];
+    method: "max" | "percentile" | "mse" | "mean" (1-bit activations only: XNOR-Net's mean|x|, see
+      :func:`binary_scale`); percentile: for "percentile", in (0, 100];
     pow2: round each step to a power of two; max_samples: per layer, larger samples are subsampled
     (the maximum is kept).
     """
@@ -97,6 +110,10 @@ def qrange(bits: int = 8, signed: bool = False, levels: int | None = None) -> tu
 
     >>> qrange(8), qrange(8, signed=True), qrange(2, signed=True), qrange(levels=2)
     ((0, 255), (-127, 127), (-1, 1), (0, 1))
+    >>> qrange(1), qrange(1, signed=True)
+    ((0, 1), (-1, 1))
+
+    ``bits=1, signed=True`` is the sign quantizer: its codes are -1 and +1 only (0 is not a level).
     """
     if levels is not None:
         if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 2:
@@ -109,9 +126,12 @@ def qrange(bits: int = 8, signed: bool = False, levels: int | None = None) -> tu
                 f"a signed (symmetric, zero-centred) quantizer needs an odd number of levels, got {levels}"
             )
         return -(levels - 1) // 2, (levels - 1) // 2
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
+    lo, hi = BITS_RANGE
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not lo <= bits <= hi:
+        raise ValueError(f"bits must be an int in [{lo}, {hi}], got {bits!r}")
     bits = int(bits)
+    if bits == 1:
+        return (-1, 1) if signed else (0, 1)
     if signed:
         q = 2 ** (bits - 1) - 1
         return -q, q
@@ -177,6 +197,38 @@ def _fake_quant_bwd(qmin, qmax, res, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
+def _is_sign(bits: int, signed: bool, levels: int | None) -> bool:
+    """The 1-bit signed quantizer is ``s * sign(x)``, not a clipped rounding of ``x / s``."""
+    return levels is None and bits == 1 and signed
+
+
+@jax.custom_vjp
+def _sign_quant(x, scale):
+    ct = _compute_dtype(x)
+    s = jnp.asarray(scale, ct)
+    return jnp.where(x.astype(ct) >= 0, s, -s).astype(x.dtype)
+
+
+def _sign_quant_fwd(x, scale):
+    return _sign_quant(x, scale), (x, scale)
+
+
+def _sign_quant_bwd(res, g):
+    x, scale = res
+    ct = _compute_dtype(x)
+    xc = x.astype(ct)
+    # BNN's hard-tanh STE in units of the scale: d/dx = 1 where |x| <= s (bounds included).
+    inside = jnp.abs(xc) <= jnp.asarray(scale, ct)
+    gx = jnp.where(inside, g, jnp.zeros_like(g)).astype(x.dtype)
+    # d(s * sign(x))/ds = sign(x), with sign(0) = +1 as in the forward.
+    ds_elem = jnp.where(xc >= 0, 1.0, -1.0).astype(ct)
+    gs = _sum_to_shape(ds_elem * g.astype(ct), jnp.shape(scale)).astype(jnp.result_type(scale))
+    return gx, gs
+
+
+_sign_quant.defvjp(_sign_quant_fwd, _sign_quant_bwd)
+
+
 def quantize_activation(
     x: jax.Array,
     bits: int,
@@ -188,7 +240,9 @@ def quantize_activation(
 
     Args:
       x: float array, any shape (e.g. NHWC activations).
-      bits: static int in [2, 16] (typically 8, 4 or 2); ignored when ``levels`` is given.
+      bits: static int in [1, 16] (typically 8, 4, 2 or 1); ignored when ``levels`` is given.
+        ``bits=1``: binary activations (see the module docstring): signed -> ``s * sign(x)`` in
+        {-s, +s}, unsigned -> {0, s}.
       scale: the step, float > 0; scalar (per-tensor) or broadcastable to ``x``; may be traced.
       signed: static; symmetric signed grid instead of the unsigned post-ReLU one.
       levels: static; explicit number of levels (``levels=2`` -> binary {0, s}).
@@ -199,12 +253,16 @@ def quantize_activation(
     Gradient (clipped straight-through estimator): ``d out / d x`` is 1 where ``x`` lies inside the
     representable range ``[qmin*scale, qmax*scale]`` (bounds included) and 0 outside it. The gradient
     with respect to ``scale`` is the LSQ one (``round(x/s) - x/s`` inside, the clip bound outside).
+    For the sign quantizer (``bits=1, signed=True``) that range is ``[-s, s]`` (BNN's hard-tanh clip
+    in units of ``s``) and the scale gradient is ``sign(x)``.
     """
     qmin, qmax = qrange(bits, signed, levels)
     _check_scale(scale)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
+    if _is_sign(bits, signed, levels):
+        return _sign_quant(x, scale)
     return _fake_quant(x, scale, qmin, qmax)
 
 
@@ -218,12 +276,14 @@ def quantize_activation_int(
     """Integer codes of :func:`quantize_activation`: ``clip(round(x / scale), qmin, qmax)`` as int32.
 
     ``quantize_activation(x, ...) == quantize_activation_int(x, ...) * scale`` exactly (up to the
-    float dtype of ``x``). Not differentiable (integer output) — use it on the integer inference path.
+    float dtype of ``x``). ``bits=1, signed=True``: codes in {-1, +1} (``x >= 0 -> +1``). Not differentiable (integer output) — use it on the integer inference path.
     """
     qmin, qmax = qrange(bits, signed, levels)
     _check_scale(scale)
     x = jnp.asarray(x)
     ct = _compute_dtype(x) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    if _is_sign(bits, signed, levels):  # codes {-1, +1}: the scale does not move the sign
+        return jnp.where(x.astype(ct) >= 0, 1, -1).astype(jnp.int32)
     q = jnp.clip(jnp.round(x.astype(ct) / jnp.asarray(scale, ct)), qmin, qmax)
     return q.astype(jnp.int32)
 
@@ -269,6 +329,35 @@ def _mse_step(x: jax.Array, qmin: int, qmax: int, num_candidates: int) -> jax.Ar
     return jnp.where(jnp.any(steps > 0), steps[jnp.argmin(errs)], 0.0)
 
 
+def binary_scale(x, signed: bool = True, per_channel: bool = False) -> jax.Array:
+    """XNOR-Net's activation scale of a 1-bit quantizer: the mean magnitude ``mean|x|``.
+
+    For the sign quantizer ``s * sign(x)`` this is the least-squares optimum
+    (``argmin_s mean((x - s*sign(x))**2) = mean|x|``). Unsigned (after a ReLU): ``mean(max(x, 0))``
+    over all the values (the zeros included), so the {0, s} threshold ``s/2`` sits low and the code
+    says mostly whether the unit fired.
+
+    Args:
+      x: float array [..., C] (e.g. NHWC activations, or a flat sample [n] when per tensor).
+      signed: the quantizer is the signed one (|x|) or the unsigned one (max(x, 0)).
+      per_channel: one scale per entry of the last axis (shape [C]) instead of one per tensor.
+
+    Returns:
+      float32 array, shape () or [C], every entry > 0 (an entry whose values are all 0 gets 1.0).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if x.size == 0:
+        raise ValueError("cannot compute a binary scale from an empty sample")
+    mags = jnp.abs(x) if signed else jnp.maximum(x, 0.0)
+    if per_channel:
+        if x.ndim < 1:
+            raise ValueError(f"per_channel needs an array with a channel axis, got shape {x.shape}")
+        s = jnp.mean(mags.reshape(-1, x.shape[-1]), axis=0)
+    else:
+        s = jnp.mean(mags)
+    return jnp.where(s > 0, s, 1.0)
+
+
 def calibrate(
     x,
     bits: int,
@@ -292,6 +381,9 @@ def calibrate(
         ``num_candidates`` clipping ranges ``max|x| * k / num_candidates`` plus ``num_candidates``
         upper quantiles of ``|x|`` (see ``_mse_step``); never worse than "max" on the sample.
         For unsigned quantizers ``max(x, 0)`` replaces ``|x|`` (negatives are clipped to 0 anyway).
+        ``"mean"`` (``bits=1`` only): XNOR-Net's ``mean|x|`` (:func:`binary_scale`). For the signed
+        1-bit (sign) quantizer ``"mse"`` is the same closed form (mean|x| is its least-squares
+        optimum); for the unsigned 1-bit one {0, s} ``"mse"`` searches the step as for any bits.
       percentile: in (0, 100], used by ``"percentile"``.
       pow2: round the step *up* to a power of two (the paper's dynamic fixed point: integer codes with
         a power-of-two exponent). Rounding up (ceil) keeps the clipping range at least as wide as the
@@ -312,8 +404,12 @@ def calibrate(
         raise ValueError("cannot calibrate on an empty sample")
     if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
         raise ValueError("calibration sample contains NaN or Inf")
+    if method == "mean" and bits != 1:
+        raise ValueError(f"calibration method 'mean' is for 1-bit activations only, got bits={bits!r}")
     mags = _magnitudes(x, signed=qmin < 0)
-    if method == "max":
+    if method == "mean" or (method == "mse" and _is_sign(bits, signed, levels)):
+        step = binary_scale(x, signed=signed)
+    elif method == "max":
         rng = jnp.max(mags)
         step = rng / qmax
     elif method == "percentile":

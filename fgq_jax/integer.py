@@ -327,7 +327,10 @@ def rounded_fake_quant_tree(tree: Any) -> Any:
 # --------------------------------------------------------------------------------------------------
 def quantize_input(x: jax.Array, step, bits: int = 8, signed: bool = False) -> jax.Array:
     """Integer activation codes (uint8 unsigned / int8 signed) of ``quantize_activation(x, bits,
-    step, signed)`` — the same rounding (round-half-even of x / step, then clip)."""
+    step, signed)`` — the same rounding (round-half-even of x / step, then clip). ``bits=1`` (binary
+    activations) gives {0, 1} codes (unsigned) or the sign quantizer's {-1, +1} (signed): the int8
+    GEMM then computes the binary layer exactly, without bit packing (XNOR/popcount kernels are not
+    implemented here; `fgq_jax.accounting` counts those operations)."""
     from fgq_jax.activations import quantize_activation_int
 
     if bits > 8:

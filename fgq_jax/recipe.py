@@ -40,7 +40,7 @@ REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit", "equalize")
 # The row key of a point (besides the model): exactly the CSV spelling of the committed results.
 # A repair added later is a new key column; rows written before it read it as false.
 KEY_COLUMNS = ("method", "group_size", "act_bits", "first_last", *REPAIRS)
-ACT_BITS_RANGE = (2, 16)
+ACT_BITS_RANGE = (1, 16)  # 1: binary activations (BNN / XNOR-Net), see fgq_jax.activations
 
 
 def check_fields(cls_name: str, given, known) -> None:
@@ -127,11 +127,14 @@ class WeightSpec:
 class ActivationSpec:
     """Activation quantization at the inputs of the quantized layers.
 
-    bits: None (full precision) or an int in [2, 16]. Which layers: the inputs of every layer whose
+    bits: None (full precision) or an int in [1, 16]; 1 is the binary activation of BNN / XNOR-Net
+    (signed inputs -> {-s, +s} = s * sign(x), unsigned -> {0, s}; hard-tanh STE clipped at s; see
+    :mod:`fgq_jax.activations`). Which layers: the inputs of every layer whose
     weights are quantized, except the network input (the first layer's); with FP weights (method
     "fp"), every conv/dense input but the first. Signedness: a layer whose calibration inputs are
     never negative (after a ReLU) gets an unsigned quantizer, otherwise a signed one.
-    calibration: how each step is chosen (:class:`fgq_jax.activations.Calibration`).
+    calibration: how each step is chosen (:class:`fgq_jax.activations.Calibration`); its method
+    "mean" (XNOR-Net's mean|x|) is for bits=1 only.
     num_calib: unlabeled images the steps are calibrated on.
     """
 
@@ -147,6 +150,8 @@ class ActivationSpec:
             object.__setattr__(self, "calibration", Calibration(**self.calibration))
         if not isinstance(self.calibration, Calibration):
             raise ValueError(f"calibration must be a Calibration, got {self.calibration!r}")
+        if self.calibration.method == "mean" and self.bits != 1:
+            raise ValueError(f"calibration method 'mean' is for act_bits=1 only, got act_bits={self.bits!r}")
         if not (_is_int(self.num_calib) and self.num_calib >= 1):
             raise ValueError(f"num_calib must be an int >= 1, got {self.num_calib!r}")
 

@@ -131,17 +131,22 @@ def point_key(model: str, row_or_recipe) -> tuple[str, ...]:
     return (model, *(("false" if c in REPAIRS and v == "" else v) for c, v in zip(RECIPE_KEY, cells)))
 
 
-def accounting_columns(spec, variables, recipe: QuantRecipe) -> dict[str, float]:
+def accounting_columns(spec, variables, recipe: QuantRecipe,
+                       act_bits: Mapping[str, tuple[int, bool]] | None = None) -> dict[str, float]:
     """Multiplications eliminated, bits per weight and the paper's speedup model for one point.
 
     mult_eliminated_pct and potential_speedup are for the whole network (full-precision first/last
     layers included); quantized_mult_eliminated_pct is over the ternary layers alone (the paper's
     1 - 1/N); bits_per_weight is over the ternary layers (codes + fp16 scales), model_bits_per_weight
     over every conv/dense kernel.
+    act_bits: ``ActConfig.spec()`` ({layer path: (bits, signed)}); given, the binary layers (binary
+    weights x 1-bit activations) are counted too: binary_ops (XNOR/AND + popcount bit operations per
+    example), binary_ops_pct (of all MACs), and potential_speedup uses the binary factor for them
+    (`fgq_jax.accounting`). Not given (the sweep rows): every quantized layer is in the ternary model.
     """
     layers = accounting.layer_shapes(spec.module, variables, spec.input_shape)
     quant = transforms.quantized_paths(variables["params"], recipe.rules(spec.first_layer, spec.last_layer))
-    report = accounting.count_ops(layers, quant, scale_bits=16)
+    report = accounting.count_ops(layers, quant, scale_bits=16, act_bits=act_bits)
     ternary = [r for r in report.rows if r.quant.startswith("ternary")]
     t_macs = sum(r.macs for r in ternary)
     t_mults = sum(r.mults for r in ternary)
@@ -151,6 +156,8 @@ def accounting_columns(spec, variables, recipe: QuantRecipe) -> dict[str, float]
         "bits_per_weight": report.ternary_bits_per_weight if ternary else 32.0,
         "model_bits_per_weight": report.bits_per_weight,
         "potential_speedup": report.potential_speedup,
+        **({} if act_bits is None else {"macs": report.macs, "binary_ops": report.binary_ops,
+                                        "binary_ops_pct": 100.0 * report.binary_ops / report.macs}),
     }
 
 

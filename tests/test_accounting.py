@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from fgq_jax.accounting import (
+    BINARY_SPEEDUP,
     LayerShape,
     bits_per_weight,
     count_model_ops,
@@ -317,3 +318,59 @@ def test_squeezenet11_hand_count(hw):
     if hw == 227:
         assert spec.input_shape == (227, 227, 3)
         assert count_model_ops(spec.module, None, spec.input_shape, train=False).macs == total
+
+
+def test_binary_layers_hand_count(tiny):
+    """Binary weights x 1-bit activations: bit operations in their own column (hand counts below)."""
+    @dataclasses.dataclass(frozen=True)
+    class WeightQuant:  # duck-typed stand-in for fgq_jax.transforms.WeightQuant
+        method: str = "binary"
+        group_size: object = "channel"
+        asymmetric: bool = False
+        grouping: str = "input"
+
+    model, variables = tiny
+    layers = layer_shapes(model, variables, (8, 8, 3))
+    quant = {"block0/conv": WeightQuant(), "conv3": WeightQuant(group_size=4), "fc": WeightQuant()}
+    acts = {"block0/conv": (1, True), "conv3": 8, "fc": (1, False)}  # conv1: FP, no activation entry
+    rep = count_ops(layers, quant, act_bits=acts)
+    rows = {r.path: r for r in rep.rows}
+    # block0/conv: signed 1-bit inputs -> XNOR + popcount on all 18432 MACs; one scale product per
+    # output element (per-channel scales): 256 mults; time 256/4 + (18432 - 256)/32 = 64 + 568 = 632
+    assert rows["block0/conv"].quant == "ternary(channel, binary) a1-xnor"
+    assert rows["block0/conv"].binary_ops == 18432 and rows["block0/conv"].mults == 256
+    assert rows["block0/conv"].time == 632.0
+    # conv3: binary weights but 8-bit inputs -> the ternary model (N=4: 1024 mults), no bit ops
+    assert rows["conv3"].binary_ops == 0 and rows["conv3"].quant == "ternary(N=4, binary)"
+    assert rows["conv3"].time == 1024 / 4 + 3072 / 16 == 448.0
+    # fc: unsigned 1-bit inputs (after a ReLU) -> AND + popcount: 160 bit ops, 10 mults
+    assert rows["fc"].quant == "ternary(channel, binary) a1-and" and rows["fc"].binary_ops == 160
+    assert rows["fc"].time == 10 / 4 + 150 / 32
+    assert rows["conv1"].binary_ops == 0 and rows["conv1"].quant == "fp"
+    assert rep.binary_ops == 18432 + 160
+    assert rep.potential_speedup == pytest.approx(36512 / (13824 + 632 + 448 + 10 / 4 + 150 / 32))
+    assert json.loads(json.dumps(rep.to_dict()))["binary_ops"] == 18592
+    # bits unknown -> label without the operation; without act_bits nothing is binary
+    assert count_ops(layers, quant, act_bits={"fc": 1}).rows[3].quant == "ternary(channel, binary) a1"
+    assert count_ops(layers, quant).binary_ops == 0
+    with pytest.raises(ValueError, match="fc"):
+        count_ops(layers, quant, act_bits={"fc": 0})
+    # count_model_ops forwards act_bits
+    assert count_model_ops(model, variables, (8, 8, 3), quant, act_bits=acts).binary_ops == 18592
+
+
+def test_binary_closed_form():
+    # all-binary layers with groups of N: the paper's formula with the binary factor 32
+    layers = [LayerShape("a", "conv", (3, 3, 64, 64), (14, 14, 64))]
+
+    @dataclasses.dataclass(frozen=True)
+    class WeightQuant:
+        method: str = "binary"
+        group_size: object = 64
+        asymmetric: bool = False
+        grouping: str = "input"
+
+    rep = count_ops(layers, {"a": WeightQuant()}, act_bits={"a": (1, True)})
+    assert rep.potential_speedup == pytest.approx(potential_speedup(64, ternary_speedup=BINARY_SPEEDUP))
+    assert potential_speedup(64, ternary_speedup=BINARY_SPEEDUP) == pytest.approx(2048 / 71)  # 28.85x
+    assert rep.binary_ops == rep.macs

@@ -7,6 +7,7 @@ import pytest
 
 from fgq_jax.activations import (
     ActivationSampler,
+    binary_scale,
     calibrate,
     pow2_exponent,
     qrange,
@@ -32,13 +33,15 @@ def np_fake_quant(x, s, qmin, qmax):
         (8, False, 2, (0, 1)),
         (8, True, 3, (-1, 1)),
         (8, True, 5, (-2, 2)),
+        (1, False, None, (0, 1)),
+        (1, True, None, (-1, 1)),
     ],
 )
 def test_qrange(bits, signed, levels, expected):
     assert qrange(bits, signed, levels) == expected
 
 
-@pytest.mark.parametrize("bad", [dict(bits=1), dict(bits=17), dict(bits=True), dict(bits=4.0),
+@pytest.mark.parametrize("bad", [dict(bits=0), dict(bits=17), dict(bits=True), dict(bits=4.0),
                                  dict(bits=8, levels=1), dict(bits=8, signed=True, levels=4)])
 def test_qrange_rejects(bad):
     with pytest.raises(ValueError):
@@ -268,3 +271,90 @@ def test_sampler_streams_batches():
     # a budget larger than the batches keeps everything -> identical to calibrating the concatenation
     big = ActivationSampler(per_batch=10**6).update_all(batches)
     assert float(big.calibrate(8, "mse")) == pytest.approx(float(calibrate(allx, 8, "mse")), rel=1e-6)
+
+
+# ------------------------------------------------------------------- 1-bit (BNN / XNOR-Net) activations
+def np_sign_quant(x, s):
+    """Independent reference of the signed 1-bit forward: s * sign(x), sign(0) = +1."""
+    return np.where(x >= 0, s, -s)
+
+
+def np_hardtanh_mask(x, s, signed):
+    """BNN's hard-tanh STE in units of s: 1 where |x/s| <= 1 (signed) or 0 <= x/s <= 1 (unsigned)."""
+    u = x / s
+    return ((np.abs(u) <= 1) if signed else ((u >= 0) & (u <= 1))).astype(np.float32)
+
+
+def test_sign_quantizer_values():
+    s = 0.5
+    x = jnp.array([-3.0, -0.5, -1e-6, 0.0, 1e-6, 0.25, 0.5, 7.0])
+    got = np.asarray(quantize_activation(x, 1, s, signed=True))
+    np.testing.assert_array_equal(got, [-0.5, -0.5, -0.5, 0.5, 0.5, 0.5, 0.5, 0.5])  # 0 -> +s
+    np.testing.assert_array_equal(np.asarray(quantize_activation_int(x, 1, s, signed=True)),
+                                  [-1, -1, -1, 1, 1, 1, 1, 1])
+    assert set(np.unique(got)) == {-s, s}  # two levels, no zero
+
+
+def test_unsigned_binary_values():
+    s = 0.5
+    x = jnp.array([-1.0, 0.0, 0.2, 0.25, 0.26, 0.5, 9.0])  # threshold s/2: x > s/2 -> s
+    got = np.asarray(quantize_activation(x, 1, s, signed=False))
+    np.testing.assert_array_equal(got, [0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(np.asarray(quantize_activation_int(x, 1, s)), [0, 0, 0, 0, 1, 1, 1])
+    # the same grid as the explicit 2-level quantizer
+    np.testing.assert_array_equal(got, np.asarray(quantize_activation(x, 8, s, levels=2)))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_binary_ste_matches_numpy_hardtanh(signed):
+    rng = np.random.default_rng(7 + signed)
+    s = 0.3
+    x = rng.normal(scale=0.5, size=(257,)).astype(np.float32)
+    x[:4] = [s, -s, 0.0, s + 1e-3]  # bounds included, just outside excluded
+    ct = rng.normal(size=x.shape).astype(np.float32)
+    out, vjp = jax.vjp(lambda v: quantize_activation(v, 1, s, signed=signed), jnp.asarray(x))
+    (gx,) = vjp(jnp.asarray(ct))
+    np.testing.assert_array_equal(np.asarray(gx), ct * np_hardtanh_mask(x, np.float32(s), signed))
+    if signed:
+        np.testing.assert_array_equal(np.asarray(out), np_sign_quant(x, np.float32(s)))
+        assert float(gx[1]) == ct[1] and float(gx[3]) == 0.0
+
+
+def test_sign_quantizer_scale_gradient_and_per_channel():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    s = np.array([0.5, 1.0, 2.0, 0.25], np.float32)  # per channel (last axis)
+    out = quantize_activation(jnp.asarray(x), 1, jnp.asarray(s), signed=True)
+    np.testing.assert_array_equal(np.asarray(out), np_sign_quant(x, s))
+    gs = jax.grad(lambda sc: jnp.sum(quantize_activation(jnp.asarray(x), 1, sc, signed=True)))(jnp.asarray(s))
+    np.testing.assert_allclose(np.asarray(gs), np.where(x >= 0, 1.0, -1.0).reshape(-1, 4).sum(0))
+
+
+def test_binary_scale_is_mean_magnitude():
+    x = np.array([[-2.0, 1.0], [0.0, -3.0], [4.0, 0.0]], np.float32)  # 3 positions x 2 channels
+    assert float(binary_scale(x)) == pytest.approx(10 / 6)
+    assert float(binary_scale(x, signed=False)) == pytest.approx(5 / 6)
+    np.testing.assert_allclose(np.asarray(binary_scale(x, per_channel=True)), [2.0, 4 / 3])
+    np.testing.assert_allclose(np.asarray(binary_scale(x, signed=False, per_channel=True)), [4 / 3, 1 / 3])
+    assert float(binary_scale(np.zeros(5))) == 1.0  # no information: a harmless positive scale
+    with pytest.raises(ValueError, match="empty"):
+        binary_scale(np.zeros(0))
+
+
+def test_calibrate_one_bit():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=4096).astype(np.float32)
+    m = float(np.mean(np.abs(x)))
+    assert float(calibrate(x, 1, "mean", signed=True)) == pytest.approx(m, rel=1e-5)
+    # mean|x| is the least-squares optimum of the sign quantizer: "mse" gives the same step
+    assert float(calibrate(x, 1, "mse", signed=True)) == pytest.approx(m, rel=1e-5)
+    relu = np.maximum(x, 0)
+    assert float(calibrate(relu, 1, "mean")) == pytest.approx(float(relu.mean()), rel=1e-5)
+    s_mse = calibrate(relu, 1, "mse")  # {0, s}: searched like any grid, never worse than "max"
+
+    def err(s):
+        return float(np.mean((np.asarray(quantize_activation(relu, 1, s)) - relu) ** 2))
+
+    assert err(s_mse) <= err(calibrate(relu, 1, "max")) + 1e-9
+    with pytest.raises(ValueError, match="1-bit"):
+        calibrate(x, 8, "mean")

@@ -322,6 +322,28 @@ def test_literal_form_equals_fake_quant(group_size, asymmetric, grouping, signed
     np.testing.assert_allclose(np.asarray(yd), refd, rtol=1e-5, atol=1e-5 * np.abs(refd).max())
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_one_bit_activations_on_integer_path(signed):
+    """act_bits=1 (BNN / XNOR-Net) runs on the integer path: the codes are {-1, +1} (sign quantizer)
+    or {0, 1} (after a ReLU) in int8 / uint8, and the layer computes exactly what the fake-quant
+    float graph computes with binary weights (per-channel scales)."""
+    from fgq_jax.activations import quantize_activation
+    from fgq_jax.ternary import ternarize as real_ternarize
+
+    tt = real_ternarize(jnp.asarray(rand_kernel((50, 6), 13)), "channel", "binary")
+    iw = I.fold_ternary(tt)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 50)), jnp.float32)
+    step = 0.4
+    codes = I.quantize_input(x, step, 1, signed)
+    assert codes.dtype == (jnp.int8 if signed else jnp.uint8)
+    assert set(np.unique(np.asarray(codes))) == ({-1, 1} if signed else {0, 1})
+    np.testing.assert_array_equal(np.asarray(integer_dense(codes, iw, step)),
+                                  np.asarray(emulate_integer_dense(codes, iw, step)))
+    ref = np.asarray(quantize_activation(x, 1, step, signed=signed), np.float64) @ np.asarray(tt.dequantize(), np.float64)
+    np.testing.assert_allclose(np.asarray(literal_group_dense(codes, iw, step)), ref, rtol=1e-5,
+                               atol=1e-5 * np.abs(ref).max())
+
+
 # ------------------------------------------------------------------------------------------ models
 class SmallCNN(nn.Module):
     @nn.compact

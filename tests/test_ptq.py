@@ -23,3 +23,44 @@ def test_calibration_signedness_and_max_steps(tiny):
                           {"conv_a": steps["conv_a"]})
     assert float(steps["conv_b"]) == pytest.approx(float(jnp.max(xq["conv_b"])) / 255, rel=1e-6)
     assert float(jnp.max(xq["conv_b"])) != float(jnp.max(plain["conv_b"]))
+
+
+def test_binary_activations_calibration_and_end_to_end_eval(tiny):
+    """act_bits=1: sign quantizer on signed inputs, {0, s} after a ReLU, XNOR-Net's mean|x| steps;
+    quantize_model + Evaluator run it end to end (binary weights, 1-bit activations)."""
+    import types
+
+    import numpy as np
+
+    from fgq_jax.evaluate import Evaluator
+    from fgq_jax.intercept import quantized_apply
+    from fgq_jax.ptq import quantize_model
+    from fgq_jax.recipe import QuantRecipe
+
+    module, variables, images, labels = tiny
+    cfg, steps = calibrate_steps(module, variables, images, 1, ["conv_a", "conv_b"], "cifar",
+                                 Calibration("mean"))
+    assert cfg.spec() == {"conv_a": (1, True), "conv_b": (1, False)}
+    x = normalize(jnp.asarray(images), "cifar")
+    s_a = float(steps["conv_a"])
+    assert s_a == pytest.approx(float(jnp.mean(jnp.abs(x))), rel=1e-5)
+    # conv_b: mean(max(x, 0)) of its input with conv_a's input already binarized
+    xa = capture_layer_io(module, variables, x, ActConfig((("conv_a", 1, True),)), {"conv_a": steps["conv_a"]})
+    assert float(steps["conv_b"]) == pytest.approx(float(jnp.mean(jnp.maximum(xa["conv_b"], 0))), rel=1e-5)
+    seen = capture_layer_io(module, variables, x, cfg, steps)
+    assert set(np.unique(np.asarray(seen["conv_a"]))) == {np.float32(-s_a), np.float32(s_a)}
+    assert set(np.unique(np.asarray(seen["conv_b"]))) <= {0.0, np.float32(steps["conv_b"])}
+
+    spec = types.SimpleNamespace(module=module, first_layer="conv_a", last_layer="fc",
+                                 dataset_family="cifar", input_shape=(8, 8, 3))
+    recipe = QuantRecipe.make(method="binary", group_size="channel", act_bits=1,
+                              calibration=Calibration("mean"), num_calib=37)
+    q = quantize_model(spec, variables, recipe, calib_images=images)
+    assert q.act_cfg.layers == (("conv_b", 1, False),) and q.quantized_layers == ("conv_b",)
+    k = np.asarray(q.variables["params"]["conv_b"]["kernel"]).reshape(-1, 6)
+    assert all(len(np.unique(np.abs(k[:, c]))) == 1 for c in range(6))  # {-alpha_c, +alpha_c}
+    res = Evaluator(module, "cifar", q.act_cfg)(q.variables, images, labels, q.act_steps,
+                                                batch_size=16, progress=False)
+    logits = quantized_apply(module, q.variables, x, q.act_cfg, q.act_steps)
+    assert res.correct1 == int(np.sum(np.argmax(np.asarray(logits), -1) == labels))
+    assert res.num_images == 37

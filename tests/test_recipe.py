@@ -23,16 +23,24 @@ def test_flat_construction_and_parts():
 
 
 @pytest.mark.parametrize("flat, match", [
-    (dict(act_bits=1), "act_bits"), (dict(act_bits=17), "act_bits"), (dict(act_bits=True), "act_bits"),
+    (dict(act_bits=0), "act_bits"), (dict(act_bits=17), "act_bits"), (dict(act_bits=True), "act_bits"),
     (dict(group_size=0), "group_size"), (dict(group_size=2.0), "group_size"),
     (dict(method="nope"), "method"), (dict(grouping="rows"), "grouping"),
     (dict(first_last="16"), "first_last"), (dict(bias_correct="yes"), "bias_correct"),
     (dict(num_fit=0), "num_fit"), (dict(method="fp", scale_fit=True), "method 'fp'"),
     (dict(calibration=dict(method="max", percentile=101)), "percentile"),
+    (dict(act_bits=8, calibration=dict(method="mean")), "act_bits=1 only"),
 ])
 def test_invalid_settings_are_refused_at_construction(flat, match):
     with pytest.raises((ValueError, TypeError), match=match):
         QuantRecipe.make(**flat)
+
+
+def test_binary_activations_are_accepted():
+    r = QuantRecipe.make(method="binary", group_size="channel", act_bits=1, calibration=dict(method="mean"))
+    assert r.activations.bits == 1 and r.activations.calibration.method == "mean"
+    assert r.key()["act_bits"] == 1 and QuantRecipe.from_key(r.key(), base=r) == r
+    assert r.describe() == "binary N=channel a1 fl=fp no-repair"
 
 
 def test_misspelled_field_suggests_the_closest_name():

@@ -223,3 +223,22 @@ def test_imagenet2012_recipe_runs_on_a_fake_official_manual_dir(tmp_path, fake_i
         assert r["num_test"] == "4" and r["dataset"] == "imagenet2012" and 0 <= float(r["top1"]) <= 100
     exact = next(r for r in rows if r["method"] == "exact")
     assert float(exact["quantized_mult_eliminated_pct"]) == pytest.approx(75.0)
+
+
+def test_accounting_columns_count_binary_layers(tiny):
+    """Binary weights x 1-bit activations: bit operations and the binary time model, by hand.
+
+    conftest's TinyNet on 8x8x3: conv_a (first, FP) 8x8x4 outputs x L=27 = 6912 MACs; conv_b
+    (binary, per-channel scales) 4x4x6 = 96 outputs x L=36 = 3456 MACs; fc (last, FP) 60 MACs."""
+    import types
+
+    module, variables, _, _ = tiny
+    spec = types.SimpleNamespace(module=module, first_layer="conv_a", last_layer="fc", input_shape=(8, 8, 3))
+    recipe = QuantRecipe.make(method="binary", group_size="channel", act_bits=1, calibration=dict(method="mean"))
+    plain = sweep.accounting_columns(spec, variables, recipe)  # the sweep rows: no activation info
+    assert "binary_ops" not in plain
+    assert plain["potential_speedup"] == pytest.approx(10428 / (6912 + 96 / 4 + 3360 / 16 + 60))
+    cols = sweep.accounting_columns(spec, variables, recipe, {"conv_b": (1, False)})
+    assert cols["macs"] == 10428 and cols["binary_ops"] == 3456
+    assert cols["binary_ops_pct"] == pytest.approx(100 * 3456 / 10428)
+    assert cols["potential_speedup"] == pytest.approx(10428 / (6912 + 96 / 4 + 3360 / 32 + 60))

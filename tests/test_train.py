@@ -164,7 +164,7 @@ def test_make_optimizer_rejects_bad_input(kw, msg):
 @pytest.mark.parametrize("field, value, msg", [
     ("optimizer", "lamb", "unknown optimizer"), ("schedule", "poly", "unknown schedule"),
     ("lr", 0, "learning rate"), ("lr", -1e-3, "learning rate"), ("distill_alpha", 1.5, "distill_alpha"),
-    ("epochs", 0, "epochs"), ("train_subset", 0, "train_subset"), ("act_bits", 1, "act_bits"),
+    ("epochs", 0, "epochs"), ("train_subset", 0, "train_subset"), ("act_bits", 0, "act_bits"),
     ("first_last", "4", "first_last"), ("scale_fit", True, "STE forward re-ternarizes"),
 ])
 def test_config_validation_and_cli_fail_fast(field, value, msg, tmp_path):
@@ -302,6 +302,31 @@ def test_ste_gradient_reaches_latent_weights():
     # FP first/last layers are untouched and also get gradients
     np.testing.assert_array_equal(q["conv_init"]["kernel"], v["params"]["conv_init"]["kernel"])
     assert np.abs(np.asarray(g_latent["fc"]["kernel"])).sum() > 0
+
+
+def test_binary_weights_and_activations_train_step_changes_params(tmp_path):
+    """BNN / XNOR-Net: binary weights (per-channel scales) and 1-bit activations through the whole
+    fine-tuning path (calibration, evaluation, one STE step)."""
+    cfg = tiny_config(method="binary", group_size="channel", act_bits=1, calibration=Calibration("mean"),
+                      epochs=1, steps_per_epoch=1, checkpoint_every=0)
+    spec = tiny_spec()
+    init = np_init(spec.module)
+    s = run_fit(cfg, tmp_path / "w")
+    assert s["act_layers"] == [["conv_a", 1, False], ["conv_b", 1, False]]  # both after a ReLU
+    assert s["steps"] == 1 and 0.0 <= s["top1_start"] <= 100.0 and 0.0 <= s["top1_final"] <= 100.0
+    # accounting (in the results JSON): conv_a 8x8x8 outputs x L=72 + conv_b 4x4x16 x 72 bit operations
+    acc = s["accounting"]
+    assert acc["binary_ops"] == 512 * 72 + 256 * 72 == 55296
+    assert acc["binary_ops_pct"] == pytest.approx(100 * 55296 / acc["macs"])
+    params = s["_state"].params
+    for layer in ("conv_a", "conv_b", "fc"):
+        new = np.asarray(params[layer]["kernel"])
+        assert np.all(np.isfinite(new))
+        assert not np.array_equal(new, np.asarray(init["params"][layer]["kernel"])), layer
+    # the forward sees binary weights: one magnitude per output channel
+    q = T.weight_quantizer(cfg.recipe, spec, ste=False)(params)
+    k = np.asarray(q["conv_b"]["kernel"]).reshape(-1, 16)
+    assert all(len(np.unique(np.abs(k[:, c]))) == 1 for c in range(16))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from fgq_jax.data import normalize
 from fgq_jax.evaluate import Evaluator
 from fgq_jax.fileio import atomic_write_text
 from fgq_jax.ptq import quantize_model
+from fgq_jax.sweep import accounting_columns
 from fgq_jax.train.checkpointing import (
     Checkpointer,
     checkpoint_dir,
@@ -325,4 +326,6 @@ def summarize(trainer: Trainer, state, history, timing, exported, resumed_from, 
         "resumed_from": resumed_from, "workdir": str(workdir), "config": cfg.to_dict(),
         "n_train": data.n_train, "n_test": int(data.test_x.shape[0]),
         "exported": {k: str(v) for k, v in exported.items()}, "_state": state,
+        "accounting": accounting_columns(trainer.spec, {"params": state.params, "batch_stats": state.batch_stats},
+                                         cfg.recipe, trainer.act_cfg.spec()),
     }
