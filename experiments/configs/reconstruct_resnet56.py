@@ -1,0 +1,15 @@
+# nice -n 10 python -m experiments.sweep --config experiments/configs/reconstruct_resnet56.py
+"""reconstruct_resnet20.py on the published ResNet-56 at N = 64 only (27 basic blocks: about three
+times the cost of a ResNet-20 point)."""
+from pathlib import Path
+
+from fgq_jax.configfile import derived_config
+
+
+def get_config():
+    return derived_config(
+        Path(__file__).with_name("reconstruct_resnet20.py"),
+        model="resnet56",
+        checkpoint="{shared}/models/cifar-resnet/resnet56-4bfd9763.th",
+        group_sizes=(64,),
+    )
