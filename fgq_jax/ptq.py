@@ -117,7 +117,8 @@ def quantize_model(
         seconds["scale_fit"], t0 = time.perf_counter() - t0, time.perf_counter()
     if rep.reconstruct:
         settings = reconstruct.ReconSettings(
-            iterations=rep.recon_iters, batch_size=rep.recon_batch, qdrop=float(rep.recon_qdrop)
+            iterations=rep.recon_iters, batch_size=rep.recon_batch, qdrop=float(rep.recon_qdrop),
+            unit=rep.recon_unit,
         )
         ternary_params = reconstruct.reconstruct(
             module, ternary_params, variables_fp, repair_images[: rep.num_recon], family, act_cfg,

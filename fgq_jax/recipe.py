@@ -164,7 +164,9 @@ class RepairSpec:
     num_repair: unlabeled images the repairs see; num_fit: the first of them used by scale fitting;
     num_recon: the first of them used by block reconstruction (<= num_repair), recon_iters its Adam
     steps per block, recon_batch its images per step, recon_qdrop the probability that an element
-    of a block's input is the FP network's (QDrop; 0 = plain BRECQ-style reconstruction).
+    of a block's input is the FP network's (QDrop; 0 = plain BRECQ-style reconstruction),
+    recon_unit "block" (top-level submodules) or "layer" (each layer alone, exact quadratic form of
+    its output error: much cheaper; see `fgq_jax.reconstruct.ReconSettings`).
     augment_images: the repairs see the images with the training augmentation (CIFAR: pad-4 random
       crop + flip). The published BatchNorm statistics were gathered on augmented images;
       re-estimating them on plain images costs the FP ResNet-20 ~1.4 points, on augmented ones it
@@ -181,6 +183,7 @@ class RepairSpec:
     recon_iters: int = 500
     recon_batch: int = 32
     recon_qdrop: float = 0.5
+    recon_unit: str = "block"
     augment_images: bool = True
 
     def __post_init__(self):
@@ -191,6 +194,8 @@ class RepairSpec:
             v = getattr(self, name)
             if not (_is_int(v) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.recon_unit not in ("block", "layer"):
+            raise ValueError(f"recon_unit must be 'block' or 'layer', got {self.recon_unit!r}")
         q = self.recon_qdrop
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
             raise ValueError(f"recon_qdrop must be a number in [0, 1], got {q!r}")
@@ -227,6 +232,7 @@ _FLAT = {
     "recon_iters": ("repairs", "recon_iters"),
     "recon_batch": ("repairs", "recon_batch"),
     "recon_qdrop": ("repairs", "recon_qdrop"),
+    "recon_unit": ("repairs", "recon_unit"),
     "augment_repair_images": ("repairs", "augment_images"),
     "seed": (None, "seed"),
 }

@@ -63,25 +63,36 @@ BETA_START, BETA_END = 20.0, 2.0
 class ReconSettings:
     """Budget and hyper-parameters of one reconstruction (hashable: static for jit).
 
+    unit: "block" (top-level submodules, minibatch Adam on the block's forward) or "layer" (each
+    ternary layer alone, its output error written exactly as a quadratic form of two L x L input
+    moment matrices accumulated over all the images, so each step costs one L x L x cout product:
+    ~100x cheaper than "block" on a CPU; no QDrop, batch_size unused).
     iterations: Adam steps per unit; batch_size: images per step; qdrop: probability that an input
     element is the FP one (0 = plain BRECQ); lr_codes / lr_scales: Adam learning rates of V and of
-    the log scales; reg: weight lam of the rounding regulariser; warmup: fraction of the iterations
-    without it.
+    the log scales; reg: weight lam of the rounding regulariser (the loss is relative, so lam is
+    large next to AdaRound's 0.01: with a few hundred steps a weak push leaves h far from binary and
+    rounding then loses what was gained); warmup: fraction of the iterations without it;
+    ste: instead, the rounded codes forward and the soft codes' gradient backward (straight-through;
+    measured worse on the test model with these learning rates, kept as an option).
     """
 
     iterations: int = 500
     batch_size: int = 32
+    unit: str = "block"
     qdrop: float = 0.5
-    lr_codes: float = 1e-2
+    lr_codes: float = 2e-2
     lr_scales: float = 1e-3
-    reg: float = 0.01
+    reg: float = 1.0
     warmup: float = 0.2
+    ste: bool = False
 
     def __post_init__(self):
         for name in ("iterations", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ReconSettings.{name} must be an int >= 1, got {v!r}")
+        if self.unit not in ("block", "layer"):
+            raise ValueError(f"ReconSettings.unit must be 'block' or 'layer', got {self.unit!r}")
         if not 0.0 <= float(self.qdrop) <= 1.0:
             raise ValueError(f"ReconSettings.qdrop must be in [0, 1], got {self.qdrop!r}")
         if not 0.0 <= float(self.warmup) < 1.0:
@@ -233,10 +244,15 @@ def init_relaxation(tt: TernaryTensor, kernel_fp: jax.Array) -> dict[str, jax.Ar
     return state
 
 
-def _soft_kernel(tt: TernaryTensor, state, hard: bool = False) -> jax.Array:
-    """The relaxed kernel s * c (c soft, or rounded when `hard`), float32 of the kernel shape."""
+def _soft_kernel(tt: TernaryTensor, state, hard: bool = False, ste: bool = False) -> jax.Array:
+    """The relaxed kernel s * c (c soft, or rounded when `hard`), float32 of the kernel shape.
+    ste: the rounded codes forward, the soft codes' gradient backward (straight-through)."""
     _, span = _grid(tt.method)
-    h = (state["v"] >= 0).astype(jnp.float32) if hard else _h(state["v"])
+    h = _h(state["v"])
+    if hard:
+        h = (state["v"] >= 0).astype(jnp.float32)
+    elif ste:
+        h = h + jax.lax.stop_gradient((state["v"] >= 0).astype(jnp.float32) - h)
     c = state["base"] + span * h
     sp, sn = _scale_arrays(tt, jnp.exp(state["log_pos"]), jnp.exp(state["log_neg"]) if "log_neg" in state else None)
     return jnp.where(c >= 0, c * sp, c * sn)
@@ -264,14 +280,15 @@ def _rel(layer: str, unit: str) -> str:
     return "" if layer == unit else layer[len(unit) + 1:]
 
 
-def _unit_apply(sub_module, sub_act, args, kwargs, unit_vars, tts, states, x, act_steps, hard=False):
+def _unit_apply(sub_module, sub_act, args, kwargs, unit_vars, tts, states, x, act_steps, hard=False,
+                ste=False):
     """The unit's output with its ternary kernels replaced by the relaxed (or hard) ones.
 
     unit_vars: the unit's variables; tts / states: {relative layer path: TernaryTensor / state}.
     """
     params = unit_vars["params"]
     for rel, tt in tts.items():
-        kernel = _soft_kernel(tt, states[rel], hard)
+        kernel = _soft_kernel(tt, states[rel], hard, ste)
         if rel == "":
             params = {**params, "kernel": kernel}
         else:
@@ -304,7 +321,7 @@ def _optimise(sub_module, sub_act, call, settings: ReconSettings, tts_meta, unit
     warm = int(settings.warmup * settings.iterations)
 
     def loss_fn(st, xb, yb, beta, lam):
-        y = _unit_apply(sub_module, sub_act, args, kwargs, unit_vars, tts, st, xb, act_steps)
+        y = _unit_apply(sub_module, sub_act, args, kwargs, unit_vars, tts, st, xb, act_steps, ste=settings.ste)
         rec = _rec_loss(y, yb)
         reg = sum(_round_regulariser(s, beta) for s in st.values()) / len(st)
         return rec + lam * reg, rec
@@ -380,6 +397,9 @@ def reconstruct(
     if not ternary_layers:
         raise ValueError("reconstruct: the params hold no TernaryTensor kernels")
     input_shape = images.shape[1:]
+    if settings.unit == "layer":
+        return _reconstruct_layers(module, ternary_params, variables_fp, images, family, act_cfg,
+                                   act_steps, settings, base_vars, ternary_layers, log, dequantize)
     units = find_units(module, variables_fp, input_shape, ternary_layers)
     params = dict(ternary_params)
     key = jax.random.key(seed)
@@ -414,6 +434,82 @@ def reconstruct(
             params = _set(params, p, layer)
         if log is not None:
             log.append({"unit": unit.name, "layers": list(unit.layers), "loss_before": float(before),
+                        "loss_after": float(after), "kept": kept, "seconds": time.perf_counter() - t0,
+                        "curve": np.asarray(curve)})
+    return params
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer-wise variant: the exact quadratic form of a layer's output error
+
+
+def _quad_loss(w2d, c_qq, b, norm):
+    """|| P_q W - P_fp W_fp ||^2 / norm up to a constant: tr(W^T C_qq W) - 2 tr(W^T B), B = C_qf W_fp."""
+    hi = jax.lax.Precision.HIGHEST
+    return (jnp.sum(w2d * jnp.matmul(c_qq, w2d, precision=hi)) - 2.0 * jnp.sum(w2d * b)) / norm
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _optimise_layer(settings: ReconSettings, tt, state, c_qq, c_qf, kernel_fp):
+    """Full-batch Adam on one layer's quadratic output error. c_qq, c_qf: f32 [L, L].
+    Returns (state, loss curve f32 [iterations], hard loss before, hard loss after) (losses relative
+    to ||P_q W_fp||^2, constant dropped: compare them with each other only)."""
+    L = c_qq.shape[0]
+    w_fp = kernel_fp.reshape(L, -1).astype(jnp.float32)
+    b = jnp.matmul(c_qf, w_fp, precision=jax.lax.Precision.HIGHEST)
+    norm = jnp.maximum(jnp.sum(w_fp * jnp.matmul(c_qq, w_fp)), 1e-12)
+    lrs = {"v": settings.lr_codes, "base": 0.0, "log_pos": settings.lr_scales, "log_neg": settings.lr_scales}
+    opt = optax.multi_transform(
+        {k: optax.adam(lr) if lr > 0 else optax.set_to_zero() for k, lr in lrs.items()},
+        {k: k for k in state},
+    )
+    warm = int(settings.warmup * settings.iterations)
+
+    def loss_fn(st, beta, lam, hard=False):
+        rec = _quad_loss(_soft_kernel(tt, st, hard, settings.ste).reshape(L, -1), c_qq, b, norm)
+        return rec + lam * _round_regulariser(st, beta), rec
+
+    def step(i, carry):
+        st, os, losses = carry
+        t = jnp.clip((i - warm) / max(settings.iterations - warm, 1), 0.0, 1.0)
+        beta = BETA_START + (BETA_END - BETA_START) * t
+        lam = jnp.where(i < warm, 0.0, settings.reg)
+        (_, rec), g = jax.value_and_grad(loss_fn, has_aux=True)(st, beta, lam)
+        upd, os = opt.update(g, os, st)
+        return optax.apply_updates(st, upd), os, losses.at[i].set(rec)
+
+    before = loss_fn(state, 2.0, 0.0, hard=True)[1]
+    losses = jnp.zeros((settings.iterations,), jnp.float32)
+    state, _, losses = jax.lax.fori_loop(0, settings.iterations, step, (state, opt.init(state), losses))
+    return state, losses, before, loss_fn(state, 2.0, 0.0, hard=True)[1]
+
+
+def _reconstruct_layers(module, ternary_params, variables_fp, images, family, act_cfg, act_steps,
+                        settings, base_vars, ternary_layers, log, dequantize):
+    """`reconstruct` with settings.unit == "layer": each ternary layer in call order, its input
+    moments measured with the layers before it already reconstructed (as `repairs.fit_scales`)."""
+    from fgq_jax.repairs import _batches, _layer_moments
+
+    order = [p for p in linear_layer_paths(module, variables_fp, images.shape[1:]) if p in ternary_layers]
+    params = dict(ternary_params)
+    xs = list(_batches(images, family, 250))
+    for path in order:
+        t0 = time.perf_counter()
+        v_q = {**base_vars, "params": dequantize(params)}
+        c_qq = c_qf = 0.0
+        for x in xs:
+            m = _layer_moments(module, act_cfg, path, v_q, variables_fp, act_steps, x)
+            c_qq, c_qf = c_qq + m[0], c_qf + m[1]
+        layer = dict(_get(params, path))
+        tt = layer["kernel"]
+        kernel_fp = _get(variables_fp["params"], path)["kernel"]
+        state = init_relaxation(tt, kernel_fp)
+        state, curve, before, after = _optimise_layer(settings, tt, state, c_qq, c_qf, kernel_fp)
+        kept = bool(after <= before)
+        layer["kernel"] = harden(tt, state) if kept else tt
+        params = _set(params, path, layer)
+        if log is not None:
+            log.append({"unit": path, "layers": [path], "loss_before": float(before),
                         "loss_after": float(after), "kept": kept, "seconds": time.perf_counter() - t0,
                         "curve": np.asarray(curve)})
     return params

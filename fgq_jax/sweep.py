@@ -41,7 +41,7 @@ COLUMNS = (
     "quantized_mult_eliminated_pct", "model_bits_per_weight", "dataset", "experiment",
     "num_test", "num_calib", "num_repair", "num_fit", "calibration", "seed", "eval_images_per_s",
     "quant_seconds", "point_seconds", "top1_rounded_multipliers", "git_revision", "date",
-    "num_recon", "recon_iters", "recon_batch", "recon_qdrop", "recon_seconds", "point_cpu_seconds",
+    "num_recon", "recon_iters", "recon_batch", "recon_qdrop", "recon_unit", "recon_seconds", "point_cpu_seconds",
 )
 
 
@@ -197,6 +197,7 @@ def point_row(cfg: SweepConfig, recipe: QuantRecipe, spec, variables_fp, result,
         "recon_iters": rep.recon_iters if rep.reconstruct else 0,
         "recon_batch": rep.recon_batch if rep.reconstruct else 0,
         "recon_qdrop": rep.recon_qdrop if rep.reconstruct else 0,
+        "recon_unit": rep.recon_unit if rep.reconstruct else "",
         "calibration": cal.method + ("+pow2" if cal.pow2 else ""),
         "seed": recipe.seed,
         "eval_images_per_s": result.images_per_s,

@@ -1,6 +1,5 @@
 # nice -n 10 python -m experiments.sweep --config experiments/configs/reconstruct_resnet56.py
-"""reconstruct_resnet20.py on the published ResNet-56 at N = 64 only (27 basic blocks: about three
-times the cost of a ResNet-20 point)."""
+"""reconstruct_resnet20.py (layer-wise reconstruction) on the published ResNet-56 at N = 64 only."""
 from pathlib import Path
 
 from fgq_jax.configfile import derived_config
