@@ -68,6 +68,7 @@ def test_to_dict_round_trip_through_json():
     ("methods_resnet20.py", "resnet20/methods.csv"),
     ("repairs_plain_images_resnet20.py", "resnet20/repairs_plain_images.csv"),
     ("sweep_resnet56.py", "resnet56/sweep_exact.csv"),
+    ("reconstruct_resnet20.py", "resnet20/reconstruct.csv"),
 ])
 def test_committed_rows_parse_to_the_configs_recipes(config, csv):
     """Every committed results row is the key of exactly one recipe of its config, and back."""
