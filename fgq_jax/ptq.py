@@ -1,14 +1,21 @@
 """Post-training quantization of one model by one recipe: the unit a sweep point evaluates and the
 starting point of fine-tuning.
 
-    ternarize weights (recipe rules) -> calibrate activation steps -> [fit scales] -> [bias correction]
-    -> [BN re-estimation] -> (recalibrate) -> QuantizedModel (variables + steps for `Evaluator`)
+    ternarize weights (recipe rules) -> calibrate activation steps -> [fit scales] -> [reconstruct
+    blocks] -> [bias correction] -> [BN re-estimation] -> (recalibrate) -> QuantizedModel (variables +
+    steps for `Evaluator`)
+
+Reconstruction runs before bias correction and BN re-estimation: it matches each quantized block to
+the FP block *with the FP network's BatchNorm statistics* (so the quantized network imitates the
+FP one), and the two cheap repairs then act on the reconstructed network as on any other (BN
+re-estimation on augmented images moves the statistics as it does for the FP network).
 
 Everything here is label-free: calibration and repairs see training images, never their labels.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Iterable, Mapping
 
 import flax.linen as nn
@@ -16,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgq_jax import activations, repairs, transforms
+from fgq_jax import activations, reconstruct, repairs, transforms
 from fgq_jax.activations import ActConfig, Calibration
 from fgq_jax.data import augment_cifar, normalize, pixel_batch_size
 from fgq_jax.equalize import equalize_params
@@ -35,6 +42,8 @@ class QuantizedModel:
     act_cfg, act_steps: the quantized layer inputs and their calibrated steps.
     ternary_params: params tree with TernaryTensor leaves (None for method "fp"): export, integer path.
     quantized_layers: layer paths whose weights are quantized, in call order.
+    seconds: wall seconds of each repair that ran, by name (e.g. {"reconstruct": 95.2}).
+    recon_log: what `fgq_jax.reconstruct.reconstruct` logged per block ([] without it).
     """
 
     recipe: QuantRecipe
@@ -43,6 +52,8 @@ class QuantizedModel:
     act_steps: dict[str, jax.Array]
     ternary_params: Any
     quantized_layers: tuple[str, ...]
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    recon_log: list = dataclasses.field(default_factory=list)
 
 
 def quantized_layers(spec, variables: Mapping[str, Any], recipe: QuantRecipe) -> tuple[list[str], list[str]]:
@@ -98,21 +109,38 @@ def quantize_model(
         return calibrate_steps(module, v, calib_images, act.bits, act_layers, family, act.calibration)
 
     act_cfg, steps = calibrate(variables)
+    seconds, recon_log = {}, []
+    t0 = time.perf_counter()
     if rep.scale_fit:
         ternary_params = repairs.fit_scales(
             module, ternary_params, variables_fp, repair_images[: rep.num_fit], family,
             dequantize_tree, act_cfg, steps,
         )
         variables = {**variables, "params": dequantize_tree(ternary_params)}
+        seconds["scale_fit"], t0 = time.perf_counter() - t0, time.perf_counter()
+    if rep.reconstruct:
+        settings = reconstruct.ReconSettings(
+            iterations=rep.recon_iters, batch_size=rep.recon_batch, qdrop=float(rep.recon_qdrop),
+            unit=rep.recon_unit,
+        )
+        ternary_params = reconstruct.reconstruct(
+            module, ternary_params, variables_fp, repair_images[: rep.num_recon], family, act_cfg,
+            steps, settings, seed=recipe.seed, variables_q=variables, log=recon_log,
+        )
+        variables = {**variables, "params": dequantize_tree(ternary_params)}
+        seconds["reconstruct"], t0 = time.perf_counter() - t0, time.perf_counter()
     if rep.bias_correct:
         variables = repairs.bias_correction(
             module, variables, variables_fp["params"], repair_images, family, quantized, act_cfg, steps
         )
+        seconds["bias_correct"], t0 = time.perf_counter() - t0, time.perf_counter()
     if rep.bn_reestimate:
         variables = repairs.reestimate_bn(module, variables, repair_images, family, act_cfg, steps)
+        seconds["bn_reestimate"], t0 = time.perf_counter() - t0, time.perf_counter()
     if rep.any:  # the repaired network's activations moved: recalibrate their steps
         act_cfg, steps = calibrate(variables)
-    return QuantizedModel(recipe, variables, act_cfg, steps, ternary_params, tuple(quantized))
+    return QuantizedModel(recipe, variables, act_cfg, steps, ternary_params, tuple(quantized),
+                          seconds, recon_log)
 
 
 # --------------------------------------------------------------------------------------------------

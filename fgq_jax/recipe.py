@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 FIRST_LAST = ("fp", "8")
-REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit", "equalize")
+REPAIRS = ("bn_reestimate", "bias_correct", "scale_fit", "equalize", "reconstruct")
 # The row key of a point (besides the model): exactly the CSV spelling of the committed results.
 # A repair added later is a new key column; rows written before it read it as false.
 KEY_COLUMNS = ("method", "group_size", "act_bits", "first_last", *REPAIRS)
@@ -164,10 +164,16 @@ class ActivationSpec:
 class RepairSpec:
     """Label-free repairs, in the order quantize_model applies them: cross-layer equalization of
     the FP weights before ternarization (`fgq_jax.equalize`; data-free, for models that declare
-    equalization pairs), then on the ternarized network (`fgq_jax.repairs`) scale fitting, bias
-    correction, BN re-estimation (then the activation steps are recalibrated).
+    equalization pairs), then on the ternarized network scale fitting (`fgq_jax.repairs`), block
+    reconstruction (`fgq_jax.reconstruct`), bias correction, BN re-estimation (then the activation
+    steps are recalibrated).
 
-    num_repair: unlabeled images the repairs see; num_fit: the first of them used by scale fitting.
+    num_repair: unlabeled images the repairs see; num_fit: the first of them used by scale fitting;
+    num_recon: the first of them used by block reconstruction (<= num_repair), recon_iters its Adam
+    steps per block, recon_batch its images per step, recon_qdrop the probability that an element
+    of a block's input is the FP network's (QDrop; 0 = plain BRECQ-style reconstruction),
+    recon_unit "block" (top-level submodules) or "layer" (each layer alone, exact quadratic form of
+    its output error: much cheaper; see `fgq_jax.reconstruct.ReconSettings`).
     augment_images: the repairs see the images with the training augmentation (CIFAR: pad-4 random
       crop + flip). The published BatchNorm statistics were gathered on augmented images;
       re-estimating them on plain images costs the FP ResNet-20 ~1.4 points, on augmented ones it
@@ -178,23 +184,37 @@ class RepairSpec:
     bias_correct: bool = False
     scale_fit: bool = False
     equalize: bool = False
+    reconstruct: bool = False
     num_repair: int = 2048
     num_fit: int = 512
+    num_recon: int = 1024
+    recon_iters: int = 500
+    recon_batch: int = 32
+    recon_qdrop: float = 0.5
+    recon_unit: str = "block"
     augment_images: bool = True
 
     def __post_init__(self):
         for name in (*REPAIRS, "augment_images"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("num_repair", "num_fit"):
+        for name in ("num_repair", "num_fit", "num_recon", "recon_iters", "recon_batch"):
             v = getattr(self, name)
             if not (_is_int(v) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.recon_unit not in ("block", "layer"):
+            raise ValueError(f"recon_unit must be 'block' or 'layer', got {self.recon_unit!r}")
+        q = self.recon_qdrop
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"recon_qdrop must be a number in [0, 1], got {q!r}")
+        if self.reconstruct and self.num_recon > self.num_repair:
+            raise ValueError(f"num_recon ({self.num_recon}) must be <= num_repair ({self.num_repair}): "
+                             "reconstruction uses the first num_recon repair images")
 
     @property
     def any(self) -> bool:
         """A repair that needs the unlabeled repair images is on (equalization needs none)."""
-        return self.bn_reestimate or self.bias_correct or self.scale_fit
+        return self.bn_reestimate or self.bias_correct or self.scale_fit or self.reconstruct
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -217,6 +237,12 @@ _FLAT = {
     "equalize": ("repairs", "equalize"),
     "num_repair": ("repairs", "num_repair"),
     "num_fit": ("repairs", "num_fit"),
+    "reconstruct": ("repairs", "reconstruct"),
+    "num_recon": ("repairs", "num_recon"),
+    "recon_iters": ("repairs", "recon_iters"),
+    "recon_batch": ("repairs", "recon_batch"),
+    "recon_qdrop": ("repairs", "recon_qdrop"),
+    "recon_unit": ("repairs", "recon_unit"),
     "augment_repair_images": ("repairs", "augment_images"),
     "seed": (None, "seed"),
 }
@@ -242,9 +268,11 @@ class QuantRecipe:
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         rep = self.repairs
-        if not self.weights.quantized and (rep.bias_correct or rep.scale_fit or rep.equalize):
+        if not self.weights.quantized and (rep.bias_correct or rep.scale_fit or rep.equalize
+                                           or rep.reconstruct):
             raise ValueError("method 'fp' takes only bn_reestimate among the repairs (no weight "
-                             "error for bias correction, scale fitting or equalization to repair)")
+                             "error for bias correction, scale fitting, equalization or "
+                             "reconstruction to repair)")
 
     # ---- flat spelling --------------------------------------------------------------------------
     @classmethod

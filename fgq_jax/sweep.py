@@ -41,6 +41,7 @@ COLUMNS = (
     "quantized_mult_eliminated_pct", "model_bits_per_weight", "dataset", "experiment",
     "num_test", "num_calib", "num_repair", "num_fit", "calibration", "seed", "eval_images_per_s",
     "quant_seconds", "point_seconds", "top1_rounded_multipliers", "git_revision", "date",
+    "num_recon", "recon_iters", "recon_batch", "recon_qdrop", "recon_unit", "recon_seconds", "point_cpu_seconds",
 )
 
 
@@ -199,6 +200,11 @@ def point_row(cfg: SweepConfig, recipe: QuantRecipe, spec, variables_fp, result,
         "num_calib": act.num_calib if act.bits else 0,
         "num_repair": rep.num_repair if rep.any else 0,
         "num_fit": rep.num_fit if rep.scale_fit else 0,
+        "num_recon": rep.num_recon if rep.reconstruct else 0,
+        "recon_iters": rep.recon_iters if rep.reconstruct else 0,
+        "recon_batch": rep.recon_batch if rep.reconstruct else 0,
+        "recon_qdrop": rep.recon_qdrop if rep.reconstruct else 0,
+        "recon_unit": rep.recon_unit if rep.reconstruct else "",
         "calibration": cal.method + ("+pow2" if cal.pow2 else ""),
         "seed": recipe.seed,
         "eval_images_per_s": result.images_per_s,
@@ -248,7 +254,7 @@ def run_sweep(
         evaluators = {} if evaluators is None else evaluators
         bar = tqdm(todo, desc=cfg.name, unit="point", disable=not progress)
         for recipe in bar:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             bar.set_postfix_str(recipe.describe())
             q = quantize_model(spec, variables_fp, recipe, calib, repair)
             quant_seconds = time.perf_counter() - t0
@@ -265,6 +271,10 @@ def run_sweep(
             row = point_row(
                 cfg, recipe, spec, variables_fp, r, **extra,
                 quant_seconds=quant_seconds, point_seconds=time.perf_counter() - t0,
+                # CPU seconds of this process (all its threads) for the point: the cost on a busy,
+                # shared machine, where wall time also counts other users' work
+                point_cpu_seconds=time.process_time() - c0,
+                recon_seconds=q.seconds.get("reconstruct", 0.0),
                 # which run made this row: a resumed or extended sweep mixes runs (see "runs")
                 git_revision=meta["git_revision"], date=meta["date"],
             )

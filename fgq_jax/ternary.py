@@ -73,6 +73,7 @@ __all__ = [
     "group_ids",
     "group_onehot",
     "scales_shape",
+    "broadcast_scales",
     "is_ternary",
     "dequantize_tree",
 ]
@@ -231,6 +232,15 @@ def group_onehot(shape, group_size: GroupSize, grouping: str = "input") -> np.nd
     """E float32 [L, G]: E[l, g] = 1 when element l of a reduction vector is in group g."""
     gid = group_ids(shape, group_size, grouping)
     return np.eye(int(gid.max()) + 1, dtype=np.float32)[gid]
+
+
+def broadcast_scales(scales: jax.Array, shape, group_size: GroupSize, grouping: str = "input") -> jax.Array:
+    """Scales [G, cout] (``scales_shape``) -> float array broadcastable to the kernel ``shape``:
+    element (.., l, k) holds the scale of the group of element l of output channel k. Traceable, so
+    gradients flow to the scales (the relaxation of `fgq_jax.reconstruct`)."""
+    shape = tuple(int(s) for s in shape)
+    gs = None if grouping == "kernel" else normalize_group_size(group_size)
+    return _scales_full(jnp.asarray(scales), _Layout(shape, gs, grouping))
 
 
 def _to_groups(kernel: jax.Array, lay: _Layout) -> tuple[jax.Array, jax.Array]:
