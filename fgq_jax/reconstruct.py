@@ -49,9 +49,8 @@ import optax
 from fgq_jax.activations import ActConfig
 from fgq_jax.data import normalize
 from fgq_jax.intercept import intercepting, linear_layer_paths
-from fgq_jax.transforms import get_at as _get, set_at as _set
 from fgq_jax.ternary import TernaryTensor, broadcast_scales, dequantize_tree, is_ternary
-from fgq_jax.transforms import path_to_str
+from fgq_jax.transforms import get_at, path_to_str, set_at
 
 __all__ = ["ReconSettings", "Unit", "find_units", "reconstruct"]
 
@@ -292,7 +291,7 @@ def _unit_apply(sub_module, sub_act, args, kwargs, unit_vars, tts, states, x, ac
         if rel == "":
             params = {**params, "kernel": kernel}
         else:
-            params = _set(params, rel + "/kernel", kernel)
+            params = set_at(params, rel + "/kernel", kernel)
     v = {**unit_vars, "params": params}
     return intercepting(lambda: sub_module.apply(v, x, *args, **kwargs), sub_act, act_steps)
 
@@ -413,11 +412,11 @@ def reconstruct(
         sub_act = _sub_act_cfg(act_cfg, unit.name)
         sub_steps = {_rel(p, unit.name): s for p, s in act_steps.items()
                      if p == unit.name or p.startswith(unit.name + "/")}
-        unit_vars = {c: _get(v_q[c], unit.name) for c in v_q if unit.name in v_q[c]}
+        unit_vars = {c: get_at(v_q[c], unit.name) for c in v_q if unit.name in v_q[c]}
         rels = tuple(_rel(p, unit.name) for p in unit.layers)
-        tts = [_get(params, p)["kernel"] for p in unit.layers]
+        tts = [get_at(params, p)["kernel"] for p in unit.layers]
         states = {
-            rel: init_relaxation(tt, _get(variables_fp["params"], p)["kernel"])
+            rel: init_relaxation(tt, get_at(variables_fp["params"], p)["kernel"])
             for rel, tt, p in zip(rels, tts, unit.layers)
         }
         n_eval = min(256, images.shape[0])
@@ -429,9 +428,9 @@ def reconstruct(
                            x_q[:n_eval], y_fp[:n_eval])
         kept = bool(after <= before)  # never worse than the input ternarization on the sample
         for rel, tt, p in zip(rels, tts, unit.layers):
-            layer = dict(_get(params, p))
+            layer = dict(get_at(params, p))
             layer["kernel"] = harden(tt, states[rel]) if kept else tt
-            params = _set(params, p, layer)
+            params = set_at(params, p, layer)
         if log is not None:
             log.append({"unit": unit.name, "layers": list(unit.layers), "loss_before": float(before),
                         "loss_after": float(after), "kept": kept, "seconds": time.perf_counter() - t0,
@@ -500,14 +499,14 @@ def _reconstruct_layers(module, ternary_params, variables_fp, images, family, ac
         for x in xs:
             m = _layer_moments(module, act_cfg, path, v_q, variables_fp, act_steps, x)
             c_qq, c_qf = c_qq + m[0], c_qf + m[1]
-        layer = dict(_get(params, path))
+        layer = dict(get_at(params, path))
         tt = layer["kernel"]
-        kernel_fp = _get(variables_fp["params"], path)["kernel"]
+        kernel_fp = get_at(variables_fp["params"], path)["kernel"]
         state = init_relaxation(tt, kernel_fp)
         state, curve, before, after = _optimise_layer(settings, tt, state, c_qq, c_qf, kernel_fp)
         kept = bool(after <= before)
         layer["kernel"] = harden(tt, state) if kept else tt
-        params = _set(params, path, layer)
+        params = set_at(params, path, layer)
         if log is not None:
             log.append({"unit": path, "layers": [path], "loss_before": float(before),
                         "loss_after": float(after), "kept": kept, "seconds": time.perf_counter() - t0,
