@@ -19,7 +19,7 @@ import numpy as np
 from fgq_jax import activations, repairs, transforms
 from fgq_jax.activations import ActConfig, Calibration
 from fgq_jax.data import augment_cifar, normalize
-from fgq_jax.intercept import capture_layer_io, linear_layer_paths
+from fgq_jax.intercept import LINEAR_LAYERS, capture_layer_io, layer_path, linear_layer_paths
 from fgq_jax.recipe import QuantRecipe
 from fgq_jax.ternary import dequantize_tree
 
@@ -164,6 +164,8 @@ def calibrate_steps(
     # whatever happens upstream, so this decides each quantizer's range once and for all.
     mins = [_input_minima(module, variables, xb) for xb in batches]
     cfg = ActConfig(tuple((p, act_bits, bool(min(float(m[p]) for m in mins) < 0)) for p in layers))
+    if len(batches) == 1 and layers:  # the sweep's case (256 images): one forward, one program
+        return cfg, _steps_one_pass(module, cfg, calibration, variables, batches[0])
     # Steps and enable flags are arrays, so one compiled capture serves every layer in turn.
     steps = {p: jnp.ones((), jnp.float32) for p in layers}
     enabled = {p: jnp.zeros((), bool) for p in layers}
@@ -187,3 +189,46 @@ def calibrate_steps(
     return cfg, steps
 
 
+
+
+@jax.jit(static_argnums=(0, 1, 2))
+def _calibrate_in_forward(module, act_cfg, calibration, variables, x):
+    """The loop of `calibrate_steps` for one batch as a single forward: at each quantized layer, in
+    call order, calibrate its step on its input (earlier layers already quantized) and quantize
+    that input with it. Same subsample, calibrator and quantizer as the loop, so the same steps;
+    one compiled program and one forward instead of one prefix forward (and program) per layer.
+
+    x: float32 [B, H, W, C] normalised. Returns ({path: f32 step}, {path: bool all-finite sample}).
+    """
+    spec = act_cfg.spec()
+    steps, finite = {}, {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, LINEAR_LAYERS):
+            return next_fun(*args, **kwargs)
+        path = layer_path(context.module)
+        h = args[0]
+        if path in spec:
+            bits, signed = spec[path]
+            sample = _subsample(h.reshape(-1), calibration.max_samples)
+            finite[path] = jnp.all(jnp.isfinite(sample))
+            steps[path] = jnp.asarray(
+                activations.calibrate(sample, bits, method=calibration.method, signed=signed,
+                                      percentile=calibration.percentile, pow2=calibration.pow2),
+                jnp.float32,
+            )
+            h = activations.quantize_activation(h, bits, steps[path], signed=signed)
+        return next_fun(h, *args[1:], **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        module.apply(variables, x, train=False)
+    return steps, finite
+
+
+def _steps_one_pass(module, act_cfg, calibration, variables, x) -> dict[str, jax.Array]:
+    """`_calibrate_in_forward`, with the eager calibrator's check of the samples."""
+    steps, finite = _calibrate_in_forward(module, act_cfg, calibration, variables, x)
+    bad = [p for p in act_cfg.paths if not bool(finite[p])]
+    if bad:
+        raise ValueError(f"calibration sample contains NaN or Inf (inputs of {bad})")
+    return {p: steps[p] for p in act_cfg.paths}

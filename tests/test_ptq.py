@@ -23,3 +23,35 @@ def test_calibration_signedness_and_max_steps(tiny):
                           {"conv_a": steps["conv_a"]})
     assert float(steps["conv_b"]) == pytest.approx(float(jnp.max(xq["conv_b"])) / 255, rel=1e-6)
     assert float(jnp.max(xq["conv_b"])) != float(jnp.max(plain["conv_b"]))
+
+
+@pytest.mark.parametrize("calibration", [Calibration(), Calibration("percentile", pow2=True),
+                                         Calibration(max_samples=64)])
+def test_one_pass_calibration_equals_the_layer_by_layer_loop(tiny, calibration):
+    """One batch: calibrate_steps runs the whole sequential calibration inside one forward. The
+    steps must be bit for bit those of the layer-by-layer loop (each layer's input captured with
+    the earlier layers quantized, subsampled, calibrated)."""
+    from fgq_jax import activations, ptq
+
+    module, variables, images, _ = tiny
+    layers = ["conv_a", "conv_b", "fc"]
+    cfg, steps = calibrate_steps(module, variables, images, 4, layers, "cifar", calibration)
+    x = normalize(jnp.asarray(images), "cifar")
+    ref = {}
+    for path, bits, signed in cfg.layers:
+        sample = capture_layer_io(module, variables, x, ActConfig(cfg.layers[: len(ref)]), ref)[path]
+        sample = ptq._subsample(sample.reshape(-1), calibration.max_samples)
+        ref[path] = jnp.asarray(activations.calibrate(
+            sample, bits, method=calibration.method, signed=signed,
+            percentile=calibration.percentile, pow2=calibration.pow2), jnp.float32)
+    assert list(steps) == layers
+    for p in layers:
+        assert steps[p].dtype == jnp.float32 and float(steps[p]) == float(ref[p]), p
+
+
+def test_calibration_rejects_a_non_finite_sample(tiny):
+    module, variables, images, _ = tiny
+    bad = {**variables, "params": {**variables["params"], "bn_a": {
+        **variables["params"]["bn_a"], "bias": variables["params"]["bn_a"]["bias"] * jnp.nan}}}
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        calibrate_steps(module, bad, images, 8, ["conv_b"], "cifar")
