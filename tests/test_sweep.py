@@ -185,3 +185,19 @@ def test_a_committed_repaired_point_reproduces_exactly(tmp_path):
                             repairs=(("bn_reestimate", "bias_correct"),))
     rows = list(csv.DictReader(open(sweep.run_sweep(cfg, out_root=tmp_path, progress=False, plots=False))))
     assert (rows[0]["top1"], rows[0]["top5"]) == (committed["top1"], committed["top5"])
+
+
+def test_network_fingerprint_is_the_networks_bytes():
+    """Points share an evaluation only when every array and the ActConfig are identical."""
+    import jax.numpy as jnp
+
+    from fgq_jax.activations import ActConfig
+
+    v = {"params": {"w": jnp.arange(4.0)}, "batch_stats": {"m": jnp.zeros(2)}}
+    cfg = ActConfig((("w", 8, False),))
+    key = sweep.network_fingerprint(v, cfg, {"w": jnp.float32(0.5)})
+    assert key == sweep.network_fingerprint({**v}, cfg, {"w": jnp.float32(0.5)})
+    assert key != sweep.network_fingerprint(v, cfg, {"w": jnp.float32(0.25)})
+    assert key != sweep.network_fingerprint(v, ActConfig((("w", 4, False),)), {"w": jnp.float32(0.5)})
+    other = {**v, "params": {"w": jnp.arange(4.0).at[3].set(3.0000002)}}
+    assert key != sweep.network_fingerprint(other, cfg, {"w": jnp.float32(0.5)})
