@@ -15,6 +15,7 @@ run. Outputs wait for their arrays (`block_until_ready`) so asynchronous dispatc
 between stages. Cold: the persistent compilation cache points at an empty folder.
 
     python -m benchmarks.profile_sweep --group-sizes 4,64,tensor --act-bits 8 [--out DIR]
+    python -m benchmarks.profile_sweep --calibration --group-sizes 4,tensor --act-bits 8,4
 """
 from __future__ import annotations
 
@@ -127,6 +128,50 @@ def _sum_row(points: list[dict]) -> dict:
     return {"point": f"**sum of {len(points)} points**", **tot}
 
 
+def compare_calibration(cfg, names: list[str], repeats: int = 3) -> list[str]:
+    """Side by side, round-robin in this process: `calibrate_steps`' one-forward calibration
+    against the layer-by-layer loop it replaced, on the sweep's model and calibration images, for
+    the points ``names`` (recipe.describe()). Checks the steps are identical. Markdown lines."""
+    import statistics
+
+    import jax.numpy as jnp
+
+    from fgq_jax import ptq, transforms
+    from fgq_jax.data import normalize
+    from fgq_jax.loading import load_model, sample_images
+    from fgq_jax.ternary import dequantize_tree
+
+    spec, v_fp = load_model(cfg.model, cfg.checkpoint)
+    calib, _ = sample_images(cfg.dataset, cfg.calib_split, cfg.recipe)
+    x = normalize(jnp.asarray(calib), spec.dataset_family)
+    points = {p.describe(): p for p in cfg.points()}
+    lines = ["| point | layers | layer by layer s (first) | one forward s (first) | ratio | same steps |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        recipe = points[name]
+        _, layers = ptq.quantized_layers(spec, v_fp, recipe)
+        v = dict(v_fp)
+        if recipe.weights.quantized:
+            rules = recipe.rules(spec.first_layer, spec.last_layer)
+            v["params"] = dequantize_tree(transforms.quantize_params(v_fp["params"], rules, mode="ternary"))
+        act_cfg, _ = ptq.calibrate_steps(spec.module, v, calib, recipe.activations.bits, layers,
+                                         spec.dataset_family, recipe.activations.calibration)
+        cal = recipe.activations.calibration
+        runs = {"loop": lambda: ptq._steps_layer_by_layer(spec.module, act_cfg, cal, v, [x]),
+                "one": lambda: ptq._steps_one_pass(spec.module, act_cfg, cal, v, x)}
+        times, out = {"loop": [], "one": []}, {}
+        for i in range(repeats + 1):
+            for k, fn in runs.items():
+                t0 = time.perf_counter()
+                out[k] = jax.block_until_ready(fn())
+                times[k].append(time.perf_counter() - t0)
+        same = all(float(out["loop"][p]) == float(out["one"][p]) for p in act_cfg.paths)
+        lo, one = (statistics.median(times[k][1:]) for k in ("loop", "one"))
+        lines.append(f"| {name} | {len(act_cfg.paths)} | {lo:.2f} ({times['loop'][0]:.2f}) | "
+                     f"{one:.2f} ({times['one'][0]:.2f}) | {lo / one:.1f}x | {same} |")
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="experiments/configs/sweep_resnet20.py")
@@ -134,6 +179,9 @@ def main(argv=None) -> None:
     ap.add_argument("--act-bits", default="8", help="sub-grid of activation bits (fp, 8, 4)")
     ap.add_argument("--out", default=None, help="results root (default: a fresh temporary folder)")
     ap.add_argument("--json", default=None, help="also write the per-point timings here")
+    ap.add_argument("--calibration", action="store_true",
+                    help="instead: time the one-forward calibration against the layer-by-layer loop")
+    ap.add_argument("--repeats", type=int, default=3, help="--calibration: timed repeats")
     args = ap.parse_args(argv)
 
     import dataclasses
@@ -145,6 +193,10 @@ def main(argv=None) -> None:
     sizes = tuple(s if s in ("channel", "tensor") else int(s) for s in args.group_sizes.split(","))
     bits = tuple(None if b == "fp" else int(b) for b in args.act_bits.split(","))
     cfg = dataclasses.replace(cfg, group_sizes=sizes, act_bits=bits)
+    if args.calibration:
+        names = [p.describe() for p in cfg.points() if p.activations.bits and not p.repairs.any]
+        print("\n".join(compare_calibration(cfg, names, args.repeats)))
+        return
     out = Path(args.out or tempfile.mkdtemp(prefix="fgq_profile_"))
     jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))  # cold, as a fresh clone
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

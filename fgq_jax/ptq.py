@@ -101,7 +101,7 @@ def quantize_model(
             dequantize_tree, act_cfg, steps,
         )
         variables = {**variables, "params": dequantize_tree(ternary_params)}
-    if rep.bias_correct:
+    if rep.bias_correct and not _bias_correction_overwritten(spec, variables, quantized, rep):
         variables = repairs.bias_correction(
             module, variables, variables_fp["params"], repair_images, family, quantized, act_cfg, steps
         )
@@ -110,6 +110,18 @@ def quantize_model(
     if rep.any:  # the repaired network's activations moved: recalibrate their steps
         act_cfg, steps = calibrate(variables)
     return QuantizedModel(recipe, variables, act_cfg, steps, ternary_params, tuple(quantized))
+
+
+def _bias_correction_overwritten(spec, variables, layers, rep) -> bool:
+    """True when bias correction cannot change the quantized model, so it need not run: BN
+    re-estimation follows it (no other repair in between) and every corrected layer folds its
+    shift into the running mean of the BatchNorm consuming it. The re-estimation's train-mode
+    forward normalises with batch statistics (it never reads a running mean), then overwrites
+    every running mean and variance: the result is the same bit for bit."""
+    if not rep.bn_reestimate or not set(rep.names) <= {"scale_fit", "bias_correct", "bn_reestimate"}:
+        return False
+    consumers = repairs.bn_consumers(spec.module, variables, spec.input_shape)
+    return all(p in consumers for p in layers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,9 +178,16 @@ def calibrate_steps(
     cfg = ActConfig(tuple((p, act_bits, bool(min(float(m[p]) for m in mins) < 0)) for p in layers))
     if len(batches) == 1 and layers:  # the sweep's case (256 images): one forward, one program
         return cfg, _steps_one_pass(module, cfg, calibration, variables, batches[0])
+    return cfg, _steps_layer_by_layer(module, cfg, calibration, variables, batches)
+
+
+def _steps_layer_by_layer(module, cfg: ActConfig, calibration: Calibration, variables, batches):
+    """The steps of `cfg`'s layers, one layer at a time: capture its input over all ``batches``
+    (float32 [B, H, W, C] each) with the earlier layers quantized, subsample, calibrate.
+    Returns {layer_path: float32 scalar step} in call order."""
     # Steps and enable flags are arrays, so one compiled capture serves every layer in turn.
-    steps = {p: jnp.ones((), jnp.float32) for p in layers}
-    enabled = {p: jnp.zeros((), bool) for p in layers}
+    steps = {p: jnp.ones((), jnp.float32) for p in cfg.paths}
+    enabled = {p: jnp.zeros((), bool) for p in cfg.paths}
     for path, bits, signed in cfg.layers:
         sample = jnp.concatenate(
             [_capture(module, cfg, path, variables, xb, steps, enabled).reshape(-1) for xb in batches]
@@ -186,9 +205,7 @@ def calibrate_steps(
             jnp.float32,
         )
         enabled[path] = jnp.ones((), bool)
-    return cfg, steps
-
-
+    return steps
 
 
 @jax.jit(static_argnums=(0, 1, 2))

@@ -44,9 +44,10 @@ def test_one_pass_calibration_equals_the_layer_by_layer_loop(tiny, calibration):
         ref[path] = jnp.asarray(activations.calibrate(
             sample, bits, method=calibration.method, signed=signed,
             percentile=calibration.percentile, pow2=calibration.pow2), jnp.float32)
-    assert list(steps) == layers
+    loop = ptq._steps_layer_by_layer(module, cfg, calibration, variables, [x])
+    assert list(steps) == list(loop) == layers
     for p in layers:
-        assert steps[p].dtype == jnp.float32 and float(steps[p]) == float(ref[p]), p
+        assert steps[p].dtype == jnp.float32 and float(steps[p]) == float(ref[p]) == float(loop[p]), p
 
 
 def test_calibration_rejects_a_non_finite_sample(tiny):
@@ -55,3 +56,30 @@ def test_calibration_rejects_a_non_finite_sample(tiny):
         **variables["params"]["bn_a"], "bias": variables["params"]["bn_a"]["bias"] * jnp.nan}}}
     with pytest.raises(ValueError, match="NaN or Inf"):
         calibrate_steps(module, bad, images, 8, ["conv_b"], "cifar")
+
+
+def test_bias_correction_before_bn_reestimation_is_skipped_only_when_it_cannot_matter(tiny):
+    """conv_a folds its shift into bn_a's running mean, which BN re-estimation (train-mode forward,
+    batch statistics) never reads and then overwrites: skipping the correction changes nothing.
+    conv_b has no BatchNorm after it (its bias would change): never skipped."""
+    import types
+
+    import jax
+
+    from fgq_jax import ptq, repairs
+    from fgq_jax.recipe import RepairSpec
+
+    module, variables, images, _ = tiny
+    spec = types.SimpleNamespace(module=module, input_shape=images.shape[1:])
+    both = RepairSpec(bn_reestimate=True, bias_correct=True)
+    assert ptq._bias_correction_overwritten(spec, variables, ["conv_a"], both)
+    assert not ptq._bias_correction_overwritten(spec, variables, ["conv_a", "conv_b"], both)
+    assert not ptq._bias_correction_overwritten(spec, variables, ["conv_a"], RepairSpec(bias_correct=True))
+    fp = variables["params"]
+    quant = {**variables, "params": {**fp, "conv_a": {"kernel": jnp.round(fp["conv_a"]["kernel"] * 8) / 8}}}
+    corrected = repairs.bias_correction(module, quant, fp, images, "cifar", ["conv_a"])
+    assert not jnp.array_equal(corrected["batch_stats"]["bn_a"]["mean"], quant["batch_stats"]["bn_a"]["mean"])
+    a = repairs.reestimate_bn(module, corrected, images, "cifar")
+    b = repairs.reestimate_bn(module, quant, images, "cifar")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert jnp.array_equal(x, y)
