@@ -169,6 +169,7 @@ def compare_calibration(cfg, names: list[str], repeats: int = 3) -> list[str]:
         lo, one = (statistics.median(times[k][1:]) for k in ("loop", "one"))
         lines.append(f"| {name} | {len(act_cfg.paths)} | {lo:.2f} ({times['loop'][0]:.2f}) | "
                      f"{one:.2f} ({times['one'][0]:.2f}) | {lo / one:.1f}x | {same} |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -195,7 +196,7 @@ def main(argv=None) -> None:
     cfg = dataclasses.replace(cfg, group_sizes=sizes, act_bits=bits)
     if args.calibration:
         names = [p.describe() for p in cfg.points() if p.activations.bits and not p.repairs.any]
-        print("\n".join(compare_calibration(cfg, names, args.repeats)))
+        print("\n".join(compare_calibration(cfg, names, args.repeats)), flush=True)
         return
     out = Path(args.out or tempfile.mkdtemp(prefix="fgq_profile_"))
     jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))  # cold, as a fresh clone
