@@ -1,7 +1,8 @@
 """Benchmark: exact (FGQ) ternarization of a ResNet-50-shaped parameter tree.
 
 The 54 kernels (53 conv + 1 dense) of torchvision's ResNet-50 in Flax layout, 25.5M weights,
-random normal values, ternarized with ``method="exact"`` at N in {4, 64, None (per tensor)}:
+random normal values, ternarized with ``method="exact"`` at N in {4, 64, "channel", None (per
+tensor)}:
 
 * JAX: ``fgq_jax.ternary.ternarize`` on every kernel (one jit-compiled program per unique kernel
   shape); compile time (first call) reported separately from the steady-state median;
@@ -52,7 +53,7 @@ def numpy_exact(kernel: np.ndarray, group_size: int | None):
     if group_size is None:
         g = kernel.reshape(1, -1, 1)
     else:
-        n = min(group_size, length)
+        n = length if group_size == "channel" else min(group_size, length)
         num = -(-length // n)
         if num * n != length:
             w = np.concatenate([w, np.zeros((num * n - length, cout), w.dtype)])
@@ -106,7 +107,7 @@ def _opt_error(kernel: np.ndarray, codes: np.ndarray, group_size) -> float:
     if group_size is None:
         w, kept = w.reshape(1, -1, 1), kept.reshape(1, -1, 1)
     else:
-        n = min(group_size, length)
+        n = length if group_size == "channel" else min(group_size, length)
         num = -(-length // n)
         pad = ((0, num * n - length), (0, 0))
         w, kept = np.pad(w, pad).reshape(num, n, cout), np.pad(kept, pad).reshape(num, n, cout)
@@ -131,11 +132,13 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     ap.add_argument("--repeats", type=int, default=None, help="steady-state repeats (JAX)")
     ap.add_argument("--np-repeats", type=int, default=None, help="numpy repeats")
-    ap.add_argument("--sizes", default="4,64,None", help="comma-separated group sizes")
+    ap.add_argument("--sizes", default="4,64,channel,None",
+                    help="comma-separated group sizes (ints, channel, None = per tensor)")
     args = ap.parse_args(argv)
     reps = args.repeats or (3 if args.quick else 10)
     np_reps = args.np_repeats or (1 if args.quick else 3)
-    sizes = [None if s.strip() == "None" else int(s) for s in args.sizes.split(",")]
+    sizes = [None if s.strip() == "None" else s.strip() if s.strip() == "channel" else int(s)
+             for s in args.sizes.split(",")]
 
     shapes = resnet50_kernel_shapes()
     rng = np.random.default_rng(0)

@@ -22,12 +22,21 @@ def add_common_args(parser: argparse.ArgumentParser, config_required: bool = Tru
                              "jax.distributed environment variables are set)")
 
 
-def enable_compilation_cache() -> None:
-    """Persist compiled XLA programs under <repo>/.cache/jax: a resumed or extended run (and the
-    next experiment on the same model) then skips the per-shape compilations."""
+def compilation_cache_dir() -> str:
+    """Where compiled XLA programs persist: the folder a user already gave JAX
+    (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``), else <repo>/.cache/jax (``make clean``
+    empties it)."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
+    return jax.config.jax_compilation_cache_dir or str(COMPILATION_CACHE)
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled XLA programs (:func:`compilation_cache_dir`): a resumed or extended run (and
+    the next experiment on the same model) then skips the per-shape compilations."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

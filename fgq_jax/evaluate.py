@@ -89,6 +89,16 @@ class Evaluator:
         start = time.perf_counter()
         desc = progress if isinstance(progress, str) else "eval"
         bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+        pending = None  # the previous batch's counts: read once the next batch is dispatched
+
+        def collect(counts):
+            nonlocal c1, c5
+            (k1, k5), done = counts
+            c1 += int(k1)
+            c5 += int(k5)
+            bar.update(done)
+            bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+
         for i in range(0, n, batch_size):
             xb, yb = images[i : i + batch_size], labels[i : i + batch_size]
             valid = np.ones(batch_size, bool)
@@ -100,11 +110,11 @@ class Evaluator:
             batch = (jnp.asarray(xb), jnp.asarray(yb, jnp.int32), jnp.asarray(valid))
             if self.mesh is not None:
                 batch = distributed.shard_batch(batch, self.mesh)
-            k1, k5 = self._step(variables, act_steps, *batch)
-            c1 += int(k1)
-            c5 += int(k5)
-            bar.update(batch_size - pad)
-            bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+            counts = (self._step(variables, act_steps, *batch), batch_size - pad)
+            if pending is not None:  # the host prepares batch i+1 while batch i computes
+                collect(pending)
+            pending = counts
+        collect(pending)
         bar.close()
         seconds = time.perf_counter() - start
         return EvalResult(

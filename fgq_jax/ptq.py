@@ -27,7 +27,7 @@ from fgq_jax import activations, reconstruct, repairs, transforms
 from fgq_jax.activations import ActConfig, Calibration
 from fgq_jax.data import augment_cifar, normalize, pixel_batch_size
 from fgq_jax.equalize import equalize_params
-from fgq_jax.intercept import capture_layer_io, linear_layer_paths
+from fgq_jax.intercept import LINEAR_LAYERS, capture_layer_io, layer_path, linear_layer_paths
 from fgq_jax.recipe import QuantRecipe
 from fgq_jax.ternary import dequantize_tree
 
@@ -129,7 +129,7 @@ def quantize_model(
         )
         variables = {**variables, "params": dequantize_tree(ternary_params)}
         seconds["reconstruct"], t0 = time.perf_counter() - t0, time.perf_counter()
-    if rep.bias_correct:
+    if rep.bias_correct and not _bias_correction_overwritten(spec, variables, quantized, rep):
         variables = repairs.bias_correction(
             module, variables, variables_fp["params"], repair_images, family, quantized, act_cfg, steps
         )
@@ -141,6 +141,18 @@ def quantize_model(
         act_cfg, steps = calibrate(variables)
     return QuantizedModel(recipe, variables, act_cfg, steps, ternary_params, tuple(quantized),
                           seconds, recon_log)
+
+
+def _bias_correction_overwritten(spec, variables, layers, rep) -> bool:
+    """True when bias correction cannot change the quantized model, so it need not run: BN
+    re-estimation follows it (no other repair in between) and every corrected layer folds its
+    shift into the running mean of the BatchNorm consuming it. The re-estimation's train-mode
+    forward normalises with batch statistics (it never reads a running mean), then overwrites
+    every running mean and variance: the result is the same bit for bit."""
+    if not rep.bn_reestimate or not set(rep.names) <= {"scale_fit", "bias_correct", "bn_reestimate"}:
+        return False
+    consumers = repairs.bn_consumers(spec.module, variables, spec.input_shape)
+    return all(p in consumers for p in layers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,9 +208,18 @@ def calibrate_steps(
     # whatever happens upstream, so this decides each quantizer's range once and for all.
     mins = [_input_minima(module, variables, xb) for xb in batches]
     cfg = ActConfig(tuple((p, act_bits, bool(min(float(m[p]) for m in mins) < 0)) for p in layers))
+    if len(batches) == 1 and layers:  # the sweep's case (256 images): one forward, one program
+        return cfg, _steps_one_pass(module, cfg, calibration, variables, batches[0])
+    return cfg, _steps_layer_by_layer(module, cfg, calibration, variables, batches)
+
+
+def _steps_layer_by_layer(module, cfg: ActConfig, calibration: Calibration, variables, batches):
+    """The steps of `cfg`'s layers, one layer at a time: capture its input over all ``batches``
+    (float32 [B, H, W, C] each) with the earlier layers quantized, subsample, calibrate.
+    Returns {layer_path: float32 scalar step} in call order."""
     # Steps and enable flags are arrays, so one compiled capture serves every layer in turn.
-    steps = {p: jnp.ones((), jnp.float32) for p in layers}
-    enabled = {p: jnp.zeros((), bool) for p in layers}
+    steps = {p: jnp.ones((), jnp.float32) for p in cfg.paths}
+    enabled = {p: jnp.zeros((), bool) for p in cfg.paths}
     for path, bits, signed in cfg.layers:
         sample = jnp.concatenate(
             [_capture(module, cfg, path, variables, xb, steps, enabled).reshape(-1) for xb in batches]
@@ -216,6 +237,47 @@ def calibrate_steps(
             jnp.float32,
         )
         enabled[path] = jnp.ones((), bool)
-    return cfg, steps
+    return steps
 
 
+@jax.jit(static_argnums=(0, 1, 2))
+def _calibrate_in_forward(module, act_cfg, calibration, variables, x):
+    """The loop of `calibrate_steps` for one batch as a single forward: at each quantized layer, in
+    call order, calibrate its step on its input (earlier layers already quantized) and quantize
+    that input with it. Same subsample, calibrator and quantizer as the loop, so the same steps;
+    one compiled program and one forward instead of one prefix forward (and program) per layer.
+
+    x: float32 [B, H, W, C] normalised. Returns ({path: f32 step}, {path: bool all-finite sample}).
+    """
+    spec = act_cfg.spec()
+    steps, finite = {}, {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not isinstance(context.module, LINEAR_LAYERS):
+            return next_fun(*args, **kwargs)
+        path = layer_path(context.module)
+        h = args[0]
+        if path in spec:
+            bits, signed = spec[path]
+            sample = _subsample(h.reshape(-1), calibration.max_samples)
+            finite[path] = jnp.all(jnp.isfinite(sample))
+            steps[path] = jnp.asarray(
+                activations.calibrate(sample, bits, method=calibration.method, signed=signed,
+                                      percentile=calibration.percentile, pow2=calibration.pow2),
+                jnp.float32,
+            )
+            h = activations.quantize_activation(h, bits, steps[path], signed=signed)
+        return next_fun(h, *args[1:], **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        module.apply(variables, x, train=False)
+    return steps, finite
+
+
+def _steps_one_pass(module, act_cfg, calibration, variables, x) -> dict[str, jax.Array]:
+    """`_calibrate_in_forward`, with the eager calibrator's check of the samples."""
+    steps, finite = _calibrate_in_forward(module, act_cfg, calibration, variables, x)
+    bad = [p for p in act_cfg.paths if not bool(finite[p])]
+    if bad:
+        raise ValueError(f"calibration sample contains NaN or Inf (inputs of {bad})")
+    return {p: steps[p] for p in act_cfg.paths}

@@ -64,3 +64,63 @@ def test_binary_activations_calibration_and_end_to_end_eval(tiny):
     logits = quantized_apply(module, q.variables, x, q.act_cfg, q.act_steps)
     assert res.correct1 == int(np.sum(np.argmax(np.asarray(logits), -1) == labels))
     assert res.num_images == 37
+
+
+@pytest.mark.parametrize("calibration", [Calibration(), Calibration("percentile", pow2=True),
+                                         Calibration(max_samples=64)])
+def test_one_pass_calibration_equals_the_layer_by_layer_loop(tiny, calibration):
+    """One batch: calibrate_steps runs the whole sequential calibration inside one forward. The
+    steps must be bit for bit those of the layer-by-layer loop (each layer's input captured with
+    the earlier layers quantized, subsampled, calibrated)."""
+    from fgq_jax import activations, ptq
+
+    module, variables, images, _ = tiny
+    layers = ["conv_a", "conv_b", "fc"]
+    cfg, steps = calibrate_steps(module, variables, images, 4, layers, "cifar", calibration)
+    x = normalize(jnp.asarray(images), "cifar")
+    ref = {}
+    for path, bits, signed in cfg.layers:
+        sample = capture_layer_io(module, variables, x, ActConfig(cfg.layers[: len(ref)]), ref)[path]
+        sample = ptq._subsample(sample.reshape(-1), calibration.max_samples)
+        ref[path] = jnp.asarray(activations.calibrate(
+            sample, bits, method=calibration.method, signed=signed,
+            percentile=calibration.percentile, pow2=calibration.pow2), jnp.float32)
+    loop = ptq._steps_layer_by_layer(module, cfg, calibration, variables, [x])
+    assert list(steps) == list(loop) == layers
+    for p in layers:
+        assert steps[p].dtype == jnp.float32 and float(steps[p]) == float(ref[p]) == float(loop[p]), p
+
+
+def test_calibration_rejects_a_non_finite_sample(tiny):
+    module, variables, images, _ = tiny
+    bad = {**variables, "params": {**variables["params"], "bn_a": {
+        **variables["params"]["bn_a"], "bias": variables["params"]["bn_a"]["bias"] * jnp.nan}}}
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        calibrate_steps(module, bad, images, 8, ["conv_b"], "cifar")
+
+
+def test_bias_correction_before_bn_reestimation_is_skipped_only_when_it_cannot_matter(tiny):
+    """conv_a folds its shift into bn_a's running mean, which BN re-estimation (train-mode forward,
+    batch statistics) never reads and then overwrites: skipping the correction changes nothing.
+    conv_b has no BatchNorm after it (its bias would change): never skipped."""
+    import types
+
+    import jax
+
+    from fgq_jax import ptq, repairs
+    from fgq_jax.recipe import RepairSpec
+
+    module, variables, images, _ = tiny
+    spec = types.SimpleNamespace(module=module, input_shape=images.shape[1:])
+    both = RepairSpec(bn_reestimate=True, bias_correct=True)
+    assert ptq._bias_correction_overwritten(spec, variables, ["conv_a"], both)
+    assert not ptq._bias_correction_overwritten(spec, variables, ["conv_a", "conv_b"], both)
+    assert not ptq._bias_correction_overwritten(spec, variables, ["conv_a"], RepairSpec(bias_correct=True))
+    fp = variables["params"]
+    quant = {**variables, "params": {**fp, "conv_a": {"kernel": jnp.round(fp["conv_a"]["kernel"] * 8) / 8}}}
+    corrected = repairs.bias_correction(module, quant, fp, images, "cifar", ["conv_a"])
+    assert not jnp.array_equal(corrected["batch_stats"]["bn_a"]["mean"], quant["batch_stats"]["bn_a"]["mean"])
+    a = repairs.reestimate_bn(module, corrected, images, "cifar")
+    b = repairs.reestimate_bn(module, quant, images, "cifar")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert jnp.array_equal(x, y)

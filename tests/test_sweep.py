@@ -246,3 +246,19 @@ def test_accounting_columns_count_binary_layers(tiny):
     assert cols["macs"] == 10428 and cols["binary_ops"] == 3456
     assert cols["binary_ops_pct"] == pytest.approx(100 * 3456 / 10428)
     assert cols["potential_speedup"] == pytest.approx(10428 / (6912 + 96 / 4 + 3360 / 32 + 60))
+
+
+def test_network_fingerprint_is_the_networks_bytes():
+    """Points share an evaluation only when every array and the ActConfig are identical."""
+    import jax.numpy as jnp
+
+    from fgq_jax.activations import ActConfig
+
+    v = {"params": {"w": jnp.arange(4.0)}, "batch_stats": {"m": jnp.zeros(2)}}
+    cfg = ActConfig((("w", 8, False),))
+    key = sweep.network_fingerprint(v, cfg, {"w": jnp.float32(0.5)})
+    assert key == sweep.network_fingerprint({**v}, cfg, {"w": jnp.float32(0.5)})
+    assert key != sweep.network_fingerprint(v, cfg, {"w": jnp.float32(0.25)})
+    assert key != sweep.network_fingerprint(v, ActConfig((("w", 4, False),)), {"w": jnp.float32(0.5)})
+    other = {**v, "params": {"w": jnp.arange(4.0).at[3].set(3.0000002)}}
+    assert key != sweep.network_fingerprint(other, cfg, {"w": jnp.float32(0.5)})
