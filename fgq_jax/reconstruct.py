@@ -47,8 +47,8 @@ import numpy as np
 import optax
 
 from fgq_jax.activations import ActConfig
-from fgq_jax.data import normalize
 from fgq_jax.intercept import intercepting, linear_layer_paths
+from fgq_jax.repairs import layer_moments, normalized_batches
 from fgq_jax.ternary import TernaryTensor, broadcast_scales, dequantize_tree, is_ternary
 from fgq_jax.transforms import get_at, path_to_str, set_at
 
@@ -183,8 +183,7 @@ def _unit_io(module, act_cfg, name, variables, act_steps, x):
 
 def _capture(module, act_cfg, name, variables, act_steps, images, family, batch_size=256):
     xs, ys = [], []
-    for i in range(0, images.shape[0], batch_size):
-        x = normalize(jnp.asarray(images[i : i + batch_size]), family)
+    for x in normalized_batches(images, family, batch_size):
         a, b = _unit_io(module, act_cfg, name, variables, act_steps, x)
         xs.append(a)
         ys.append(b)
@@ -487,18 +486,13 @@ def _reconstruct_layers(module, ternary_params, variables_fp, images, family, ac
                         settings, base_vars, ternary_layers, log, dequantize):
     """`reconstruct` with settings.unit == "layer": each ternary layer in call order, its input
     moments measured with the layers before it already reconstructed (as `repairs.fit_scales`)."""
-    from fgq_jax.repairs import _batches, _layer_moments
-
     order = [p for p in linear_layer_paths(module, variables_fp, images.shape[1:]) if p in ternary_layers]
     params = dict(ternary_params)
-    xs = list(_batches(images, family, 250))
+    xs = list(normalized_batches(images, family, 250))
     for path in order:
         t0 = time.perf_counter()
         v_q = {**base_vars, "params": dequantize(params)}
-        c_qq = c_qf = 0.0
-        for x in xs:
-            m = _layer_moments(module, act_cfg, path, v_q, variables_fp, act_steps, x)
-            c_qq, c_qf = c_qq + m[0], c_qf + m[1]
+        c_qq, c_qf = layer_moments(module, act_cfg, path, v_q, variables_fp, act_steps, xs)
         layer = dict(get_at(params, path))
         tt = layer["kernel"]
         kernel_fp = get_at(variables_fp["params"], path)["kernel"]

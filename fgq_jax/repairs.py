@@ -29,7 +29,7 @@ from fgq_jax.ternary import group_onehot, is_ternary
 from fgq_jax.transforms import get_at, path_to_str, set_at
 
 
-def _batches(images: np.ndarray, family: str, batch_size: int):
+def normalized_batches(images: np.ndarray, family: str, batch_size: int):
     """Normalised batches of at most `batch_size` images (fewer for large images: pixel budget)."""
     batch_size = pixel_batch_size(images.shape[1:], batch_size)
     for i in range(0, images.shape[0], batch_size):
@@ -84,7 +84,7 @@ def reestimate_bn(
     """
     act_cfg = act_cfg or ActConfig()
 
-    per_batch = [_bn_moments(module, act_cfg, variables, act_steps, x) for x in _batches(images, family, batch_size)]
+    per_batch = [_bn_moments(module, act_cfg, variables, act_steps, x) for x in normalized_batches(images, family, batch_size)]
     if not per_batch or not per_batch[0]:
         raise ValueError("reestimate_bn: the model has no BatchNorm layers or no images were given")
     stats = variables["batch_stats"]
@@ -176,7 +176,7 @@ def bias_correction(
 
     results = [
         _output_shifts(module, act_cfg, variables_q, diffs, act_steps, x)
-        for x in _batches(images, family, batch_size)
+        for x in normalized_batches(images, family, batch_size)
     ]
     if not results:
         raise ValueError("bias_correction: no images given")
@@ -295,6 +295,16 @@ def _layer_moments(module, act_cfg, path, v_q, v_fp, act_steps, x):
     return jnp.matmul(pq.T, pq, precision=hi), jnp.matmul(pq.T, pf, precision=hi)
 
 
+def layer_moments(module, act_cfg, path, v_q, v_fp, act_steps, batches) -> tuple[jax.Array, jax.Array]:
+    """(P_q^T P_q, P_q^T P_fp) of layer `path` summed over `batches` (normalised images): the input
+    moments of scale fitting and of layer-wise reconstruction. [L, L] each, float32."""
+    c_qq = c_qf = 0.0
+    for x in batches:
+        m = _layer_moments(module, act_cfg, path, v_q, v_fp, act_steps, x)
+        c_qq, c_qf = c_qq + m[0], c_qf + m[1]
+    return c_qq, c_qf
+
+
 def fit_scales(
     module: nn.Module,
     ternary_params: Mapping[str, Any],
@@ -323,14 +333,11 @@ def fit_scales(
     ]
 
     params = dict(ternary_params)
-    xs = list(_batches(images, family, batch_size))
+    xs = list(normalized_batches(images, family, batch_size))
     for path in order:
         # One pass per layer: the quantized inputs depend on the scales fitted so far.
         v_q = {**variables_fp, "params": dequantize(params)}
-        c_qq = c_qf = 0.0
-        for x in xs:
-            m = _layer_moments(module, act_cfg, path, v_q, variables_fp, act_steps, x)
-            c_qq, c_qf = c_qq + m[0], c_qf + m[1]
+        c_qq, c_qf = layer_moments(module, act_cfg, path, v_q, variables_fp, act_steps, xs)
         layer = get_at(params, path)
         kernel_fp = get_at(variables_fp["params"], path)["kernel"]
         new_layer = dict(layer)
