@@ -25,7 +25,7 @@ import numpy as np
 
 from fgq_jax import activations, reconstruct, repairs, transforms
 from fgq_jax.activations import ActConfig, Calibration
-from fgq_jax.data import augment_cifar, normalize, pixel_batch_size
+from fgq_jax.data import augment_cifar
 from fgq_jax.equalize import equalize_params
 from fgq_jax.intercept import LINEAR_LAYERS, capture_layer_io, layer_path, linear_layer_paths
 from fgq_jax.recipe import QuantRecipe
@@ -201,9 +201,7 @@ def calibrate_steps(
     Returns (ActConfig, {layer_path: float32 scalar step}).
     """
     layers = list(layers)
-    x = normalize(jnp.asarray(images), family)
-    batch_size = pixel_batch_size(images.shape[1:], batch_size)
-    batches = [x[i : i + batch_size] for i in range(0, x.shape[0], batch_size)]
+    batches = list(repairs.normalized_batches(images, family, batch_size))
     # Signedness first, from one unquantized pass: inputs that follow a ReLU are never negative
     # whatever happens upstream, so this decides each quantizer's range once and for all.
     mins = [_input_minima(module, variables, xb) for xb in batches]
