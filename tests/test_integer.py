@@ -261,6 +261,8 @@ def test_every_impl_bit_exact(case, signed):
     emu = np.asarray(emulate_integer_conv(x, iw, 0.5, strides, padding, dil, return_acc=True))
     np.testing.assert_array_equal(emu, ref_acc_conv(x, iw.kernel, strides, padding, dil))
     for impl in impls:
+        if impl == "fconv" and jax.default_backend() != "cpu":
+            continue  # GPU float convs may use Winograd/FFT: fconv's exactness assumes sums of products
         if impl in ("conv", "conv2", "conv4", "conv8") or (
                 impl == "auto" and I.resolve_impl("auto", xshape, kshape, strides, padding, dil)
                 .startswith("conv")):
@@ -299,6 +301,8 @@ def test_packing_infeasible_raises_and_auto_rule():
 def test_fconv_exact_at_chunk_boundaries_and_worst_case(kshape, signed):
     """Chunked float32 convs at the worst magnitudes (|x| = 255 or 128, |W| = 127, all aligned):
     a chunk's sum reaches 518 * 255 * 127 = 16_775_430 (just below 2**24), whole sums far above."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("fconv is exact where the backend's float conv adds products (XLA-CPU)")
     L = int(np.prod(kshape[:-1]))
     w = np.full(kshape, 127, np.int8)
     w[..., 1] = -127
@@ -511,7 +515,9 @@ def test_integer_apply_small_model(group_size):
     y_int = fwd["integer"](variables, folded, steps, x)  # impl="auto": the per-layer rule
     plan = I.integer_plan(module, variables, folded, steps, x)
     assert sorted(plan) == layers and plan["fc"] == "gemm"
-    for impl in ("gemm", "fconv", {"conv1": "fconv", "conv2": "gemm"}):  # whole model, any plan
+    plans = ["gemm"] + (["fconv", {"conv1": "fconv", "conv2": "gemm"}]
+                        if jax.default_backend() == "cpu" else [])
+    for impl in plans:  # whole model, any plan
         y = I.make_integer_forward(module, "integer", impl=impl)(variables, folded, steps, x)
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y_int))
     y_emu = fwd["emulate"](variables, folded, steps, x)
