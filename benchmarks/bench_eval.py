@@ -9,11 +9,16 @@ batch 128, the same jitted eval step (uint8 images -> normalise -> forward -> to
   the default policy), 8-bit activations at the inputs of the ternary layers via
   ``fgq_jax.intercept.quantized_apply``; weights are quantized once outside the step, as the
   Evaluator does, so N does not change the arithmetic (N=4 and N=64 should time alike);
-* ``integer-nN``: ``fgq_jax.integer.integer_apply(mode="integer")`` — every ternary layer folded
-  into one int8 x int8 -> int32 GEMM (``impl="gemm"``) with 8-bit activation codes;
+* ``integer-nN``: ``fgq_jax.integer.integer_apply(mode="integer", impl="auto")`` — every ternary
+  layer folded into int8 weights, 8-bit activation codes, the int32 accumulator computed per layer
+  as ``fgq_jax.integer.resolve_impl``'s rule picks (int8 conv, with columns packed into channels
+  for narrow layers, or int8 GEMM); the "impl" column counts the choices and the notes list them
+  layer by layer;
+* optional ``intgemm-nN`` / ``intconv-nN`` / ``intfconv-nN``: the integer path with one execution
+  for every conv: ``impl="gemm"`` (int8 GEMM per kernel row; the default before the per-layer rule),
+  ``"conv"`` (int8 ``lax.conv_general_dilated``) or ``"fconv"`` (exact float32 convs of the codes);
 * ``literal-nN``: ``integer_apply(mode="literal")`` — the paper's literal per-group form (int32
   partial sums per group, one float multiply per group);
-* optional ``intconv-nN``: the integer path with ``impl="conv"`` (int8 ``lax.conv_general_dilated``).
 
 Weights are random (He-normal, ``benchmarks.common.random_variables``) and images random uint8: throughput does not depend on the
 values. Activation steps come from one unquantized forward (``max|x| / qmax``; see
@@ -41,7 +46,9 @@ from benchmarks import common
 
 TARGETS = {"fake": 0.9, "integer": 1.2}
 ALL_VARIANTS = ("fp32", "fake-n4", "fake-n64", "integer-n4", "integer-n64", "literal-n4",
-                "literal-n64", "intconv-n64")
+                "literal-n64", "intgemm-n64", "intconv-n64", "intfconv-n64")
+# integer-path kinds -> the impl given to integer_apply
+INT_IMPLS = {"integer": "auto", "intgemm": "gemm", "intconv": "conv", "intfconv": "fconv"}
 DEFAULT_VARIANTS = {
     "resnet20": ("fp32", "fake-n4", "fake-n64", "integer-n4", "integer-n64", "literal-n4", "literal-n64"),
     # literal-n4 on ResNet-50 at batch 128 needs int32 per-group partial sums of ~15 GB in the
@@ -58,7 +65,7 @@ def _parse_variant(v: str) -> tuple[str, int | None]:
     if v == "fp32":
         return "fp32", None
     kind, _, n = v.partition("-n")
-    if kind not in ("fake", "integer", "literal", "intconv") or not n.isdigit():
+    if kind not in ("fake", "literal", *INT_IMPLS) or not n.isdigit():
         raise ValueError(f"unknown variant {v!r}; known: {', '.join(ALL_VARIANTS)} (any N after -n)")
     return kind, int(n)
 
@@ -108,8 +115,8 @@ def _step_fn(kind, module, family, act_cfg):
             logits = quantized_apply(module, variables, normalize(images, family), act_cfg, steps)
             return jnp.argmax(logits, -1)
     else:
-        mode = "integer" if kind in ("integer", "intconv") else "literal"
-        impl = "conv" if kind == "intconv" else "gemm"
+        mode = "integer" if kind in INT_IMPLS else "literal"
+        impl = INT_IMPLS.get(kind, "gemm")
 
         def f(variables, folded, steps, images):
             logits = integer.integer_apply(module, variables, folded, steps, normalize(images, family),
@@ -138,8 +145,14 @@ def bench_model(name: str, variants, batch_size: int, batches: int, repeats: int
     log(f"[bench_eval] {name}: weights ternarized/folded for N in {group_sizes} + act steps "
         f"({len(steps)} layers) in {setup_s:.1f} s")
 
-    runners, compile_s, cache = {}, {}, {}
+    runners, compile_s, cache, plans = {}, {}, {}, {}
     for v, kind, n in parsed:
+        if kind in INT_IMPLS:  # the execution of each folded layer, visible in the table
+            from fgq_jax import integer
+
+            plans[v] = integer.integer_plan(module, per_n[n][0], per_n[n][1], steps,
+                                            normalize(imgs[0], family), impl=INT_IMPLS[kind],
+                                            act_cfg=act_cfg)
         if kind == "fp32":
             args = (variables, {}, {})
         elif kind == "fake":
@@ -178,26 +191,50 @@ def bench_model(name: str, variants, batch_size: int, batches: int, repeats: int
             "acts": "fp32" if kind == "fp32" else f"{act_bits}-bit",
             "batch": batch_size, "images_per_s": ips, "batch_ms": 1e3 * t["median_s"] / batches,
             "batch_ms_min": 1e3 * t["min_s"] / batches, "compile_s": compile_s[v],
-            "repeats": t["repeats"], "batches": batches,
+            "repeats": t["repeats"], "batches": batches, "impl": _plan_summary(plans.get(v)),
         })
     for r in rows:
         r["vs_fp32"] = r["images_per_s"] / fp_ips if fp_ips else None
         kind = _parse_variant(r["variant"])[0]
-        target = TARGETS.get("integer" if kind == "intconv" else kind)
+        target = TARGETS.get("integer" if kind in INT_IMPLS else kind)
         r["target"] = f">= {target}x" if target else None
         r["met"] = (r["vs_fp32"] >= target) if (target and r["vs_fp32"] is not None) else None
-    return rows, {"setup_s": setup_s}
+    return rows, {"setup_s": setup_s, "plans": plans}
+
+
+def _plan_summary(plan) -> str | None:
+    """'conv4 x6, conv2 x6, ...': how many folded layers run each execution (most first)."""
+    if not plan:
+        return None
+    counts: dict[str, int] = {}
+    for impl in plan.values():
+        counts[impl] = counts.get(impl, 0) + 1
+    return ", ".join(f"{k} x{c}" for k, c in sorted(counts.items(), key=lambda kc: (-kc[1], kc[0])))
+
+
+def _plan_notes(name: str, plans: dict) -> list[str]:
+    """One note per distinct per-layer plan: 'layer impl, layer impl, ...' in model order."""
+    out, seen = [], {}
+    for v, plan in plans.items():
+        key = tuple(plan.items())
+        if key in seen:
+            out.append(f"{name} {v}: same per-layer execution as {seen[key]}")
+            continue
+        seen[key] = v
+        out.append(f"{name} {v} per layer: " + ", ".join(f"{p} {i}" for p, i in plan.items()))
+    return out
 
 
 def _path_label(kind: str) -> str:
-    return {"fp32": "FP32", "fake": "fake-quant", "integer": "integer GEMM",
-            "literal": "literal per-group", "intconv": "integer (int8 conv)"}[kind]
+    return {"fp32": "FP32", "fake": "fake-quant", "integer": "integer (auto)",
+            "literal": "literal per-group", "intgemm": "integer (int8 GEMM)",
+            "intconv": "integer (int8 conv)", "intfconv": "integer (f32 conv of codes)"}[kind]
 
 
 COLUMNS = ["model", "path", "N", "acts", "batch", "images_per_s", "batch_ms", "compile_s", "vs_fp32",
-           "target", "met"]
+           "target", "met", "impl"]
 HEADERS = {"images_per_s": "images/s (median)", "batch_ms": "ms/batch", "compile_s": "compile s",
-           "vs_fp32": "x FP32"}
+           "vs_fp32": "x FP32", "impl": "integer execution (layers)"}
 
 
 def run(args) -> dict:
@@ -205,7 +242,7 @@ def run(args) -> dict:
     if args.quick:
         models = ["resnet20"] if args.model == "both" else models
     info = common.machine_info()
-    rows, meta = [], {}
+    rows, meta, plan_notes = [], {}, []
     for m in models:
         variants = args.variants.split(",") if args.variants else list(DEFAULT_VARIANTS.get(m, DEFAULT_VARIANTS["resnet50"]))
         nb, rep = DEFAULT_SIZES.get(m, (1, 3))
@@ -220,6 +257,8 @@ def run(args) -> dict:
         r, mmeta = bench_model(m, variants, bs, nb, rep, act_bits=args.act_bits, seed=args.seed)
         rows += r
         meta[m] = mmeta
+    for m in models:
+        plan_notes += _plan_notes(common.spec_label(common.get_spec(m)), meta[m].pop("plans", {}))
     notes = [
         f"machine: {common.machine_line(info)}",
         "random weights (He-normal) and random uint8 images: throughput does not depend on values",
@@ -228,8 +267,11 @@ def run(args) -> dict:
         "ms/batch = median time per batch",
         "fake-quant: ternary weights quantized once outside the step (as Evaluator does), 8-bit "
         "activations at the ternary layers' inputs; first conv and last dense stay FP32 in all paths",
-        "integer: int8 x int8 -> int32 GEMM per ternary layer (integer_apply, impl=gemm); literal: "
-        "per-group int32 partial sums x alpha_g (integer_apply mode='literal')",
+        "integer: int8 weights and 8-bit codes, int32 accumulator per ternary layer (integer_apply; "
+        "impl=auto: resolve_impl's per-layer rule, 'impl' column = executions chosen, all bit-exact "
+        "with the float emulation); literal: per-group int32 partial sums x alpha_g "
+        "(integer_apply mode='literal')",
+        *plan_notes,
         f"targets (issue 6, 2-core CPU): fake-quant >= {TARGETS['fake']}x FP32, integer >= "
         f"{TARGETS['integer']}x FP32",
     ]

@@ -28,12 +28,20 @@ accumulator is identical, bit for bit, to ``sum_i x_i W_int`` — the tests chec
 
 Three ways to run the same layer:
 
-* ``integer_conv`` / ``integer_dense``: the integer GEMM. ``impl="gemm"`` (default): one int8
-  ``jnp.dot`` per kernel row over a (kw, cin) im2col patch, summed in int32 — XLA-CPU's fast s8 GEMM
-  (YNNPACK), and it runs on GPUs; ``impl="im2col"``: one ``jnp.dot`` over the full (kh, kw, cin)
-  patch; ``impl="conv"``: ``lax.conv_general_dilated`` on int8 — CPU only (cuDNN has no
-  s8 x s8 -> s32 convolution: XLA answers UNIMPLEMENTED) and slow there. All three give the same
-  int32 accumulator.
+* ``integer_conv`` / ``integer_dense``: the integer accumulator; for convs ``impl`` says how.
+  ``impl="gemm"`` (default): one int8 ``jnp.dot`` per kernel row over a (kw, cin) im2col patch,
+  summed in int32 — XLA-CPU's fast s8 GEMM (YNNPACK), and it runs on GPUs; ``impl="im2col"``: one
+  ``jnp.dot`` over the full (kh, kw, cin) patch; ``impl="conv"``: ``lax.conv_general_dilated`` on
+  int8 with implicit zero padding (the zero-point correction then depends on how many taps of
+  each output position fall inside the input: ``_tap_sums``) — CPU only (cuDNN has no
+  s8 x s8 -> s32 convolution: XLA answers UNIMPLEMENTED); ``"conv2"`` / ``"conv4"`` /
+  ``"conv8"``: the same with 2 / 4 / 8 neighbouring columns of the last spatial axis folded into
+  the channels (free reshapes, a block-Toeplitz kernel), which turns a 16-channel layer into a
+  64-channel one that XLA-CPU's int8 convolution runs fast; ``impl="fconv"``: float32 convs of
+  the codes over input-channel chunks short enough that every partial sum is an integer below
+  2**24 (``_fconv_acc``), cast to int32 and summed; ``impl="auto"``: ``resolve_impl``'s static
+  per-layer rule. All give the same int32 accumulator (the tests check every one against the
+  emulation). ``integer_plan`` lists the execution each layer of a model gets.
 * ``emulate_integer_conv`` / ``emulate_integer_dense``: the same arithmetic in float32, exact
   (proof in ``_emulate_acc``), then the same rescale.
 * ``literal_group_conv`` / ``literal_group_dense``: the paper's literal form — per-group int32
@@ -41,7 +49,8 @@ Three ways to run the same layer:
   the *unrounded* alphas, so it equals the float fake-quant forward up to float rounding.
 
 ``integer_apply`` runs a whole Linen model (e.g. the CIFAR ResNets) with every folded
-``nn.Conv`` / ``nn.Dense`` replaced by one of these, via ``flax.linen.intercept_methods``.
+``nn.Conv`` / ``nn.Dense`` replaced by one of these, via ``flax.linen.intercept_methods``
+(``impl`` one string for every conv, or ``{path: impl}``).
 ``rounded_fake_quant`` gives the float kernel ``s_k m_g t`` so the accuracy cost of the rounding can
 be measured with the ordinary fake-quant evaluator.
 """
@@ -81,13 +90,18 @@ __all__ = [
     "literal_group_conv",
     "literal_group_dense",
     "integer_apply",
+    "integer_plan",
+    "resolve_impl",
     "make_integer_forward",
     "MODES",
 ]
 
 W_QMAX = 127  # int8 weight range [-127, 127] (symmetric; -128 unused)
 MODES = ("integer", "emulate", "literal")
-IMPLS = ("gemm", "im2col", "conv")
+IMPLS = ("gemm", "im2col", "conv", "conv2", "conv4", "conv8", "fconv", "auto")
+_PACKS = {"conv": 1, "conv2": 2, "conv4": 4, "conv8": 8}
+# impl="auto" on CPU: pack the last spatial axis until pack * cin >= this (see resolve_impl)
+_AUTO_PACKED_CIN = 64
 _UINT8_ZERO_POINT = 128
 # Emulation: float32 represents every integer of magnitude <= 2**24 exactly.
 _F32_EXACT = 2**24
@@ -557,7 +571,8 @@ def _literal(p: jax.Array, iw: IntegerWeights, x_step, bias) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 # public layer functions
 # --------------------------------------------------------------------------------------------------
-def _conv_setup(x_codes, iw, strides, padding, kernel_dilation):
+def _conv_geometry(x_codes, iw, strides, padding, kernel_dilation):
+    """Checks and static geometry of a conv on codes: (strides, dilation, explicit pads)."""
     _check_codes(x_codes)
     kshape = iw.shape
     nsp = len(kshape) - 2
@@ -569,20 +584,181 @@ def _conv_setup(x_codes, iw, strides, padding, kernel_dilation):
     strides = _tuple(strides, nsp)
     dil = _tuple(kernel_dilation, nsp)
     pads = _explicit_pads(x_codes.shape[1:-1], kshape[:-2], strides, padding, dil)
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        raise NotImplementedError("negative padding is not supported on the integer path")
     _check_overflow(math.prod(kshape[:-1]))
+    out = [_out_size(s + lo + hi, k, d, st)
+           for s, (lo, hi), k, d, st in zip(x_codes.shape[1:-1], pads, kshape[:-2], dil, strides)]
+    if any(o <= 0 for o in out):
+        raise ValueError(f"empty conv output for input {x_codes.shape} and kernel {kshape}")
+    return strides, dil, pads
+
+
+def _conv_setup(x_codes, iw, strides, padding, kernel_dilation):
+    strides, dil, pads = _conv_geometry(x_codes, iw, strides, padding, kernel_dilation)
     return _pad_spatial(x_codes, pads), strides, dil
 
 
-def _conv_acc(xp, iw, strides, dil, impl):
+def _tap_sums(in_spatial, iw, strides, pads, dil) -> jax.Array:
+    """int32 [1, *out, cout]: ``sum`` of ``W_int[tap, c, k]`` over the input channels and the taps
+    that fall inside the (unpadded) input at each output position — the zero-point correction of a
+    conv whose zero padding is implicit. A float32 conv of an all-ones image, exact: every partial
+    sum is an integer of magnitude <= L * 127 < 2**24 (``_check_overflow`` bounds L)."""
+    nsp = len(in_spatial)
+    ones = jnp.ones((1, *in_spatial, 1), jnp.float32)
+    wsum = jnp.sum(iw.kernel.astype(jnp.float32), axis=-2, keepdims=True)  # [*k, 1, cout]
+    t = lax.conv_general_dilated(ones, wsum, strides, pads, rhs_dilation=dil,
+                                 dimension_numbers=_conv_dn(nsp + 2),
+                                 precision=lax.Precision.HIGHEST)
+    return t.astype(jnp.int32)
+
+
+def _pack_geometry(width, kw, sw, dw, lo, hi, pack):
+    """Packing ``pack`` neighbours of the last spatial axis into channels: (kw', lo', hi', offsets)
+    or None when the layer cannot be packed (see ``_packed_kernel``)."""
+    if pack == 1:
+        return None
+    out = _out_size(width + lo + hi, kw, dw, sw)
+    if dw != 1 or pack % sw or width % pack or out % (pack // sw):
+        return None
+    q = pack // sw
+    # output column q*j + r reads input column pack*j + r*sw - lo + t: packed column j + d, element e
+    offs = [(r, t, *divmod(r * sw - lo + t, pack)) for r in range(q) for t in range(kw)]
+    dmin, dmax = min(o[2] for o in offs), max(o[2] for o in offs)
+    lo2, hi2 = -dmin, (out // q - 1) + dmax - (width // pack - 1)
+    if lo2 < 0 or hi2 < 0:
+        return None
+    return dmax - dmin + 1, lo2, hi2, [(r, t, d - dmin, e) for r, t, d, e in offs]
+
+
+def _packed_kernel(w: jax.Array, kw2: int, offs, pack: int, q: int) -> jax.Array:
+    """[*k, kw, cin, cout] -> [*k, kw', pack * cin, q * cout]: the kernel of the same conv on an
+    input whose last spatial axis has ``pack`` neighbours folded into the channels and whose output
+    has ``q`` neighbours folded into the channels (a block-Toeplitz kernel; unused entries 0)."""
+    *k, kw, cin, cout = w.shape
+    src = np.full((kw2, pack, q), kw, np.int32)  # index kw = the appended zero tap
+    for r, t, d, e in offs:
+        src[d, e, r] = t
+    wz = jnp.concatenate([w, jnp.zeros((*k, 1, cin, cout), w.dtype)], axis=len(k))
+    wp = jnp.take(wz, jnp.asarray(src.reshape(-1)), axis=len(k))  # [*k, kw'*pack*q, cin, cout]
+    wp = wp.reshape(*k, kw2, pack, q, cin, cout)
+    wp = jnp.moveaxis(wp, len(k) + 2, len(k) + 3)  # [*k, kw', pack, cin, q, cout]
+    return wp.reshape(*k, kw2, pack * cin, q * cout)
+
+
+def _conv_packed(x, w, strides, pads, dil, pack, out_dtype, precision=None):
+    """``lax.conv_general_dilated`` (implicit zero padding ``pads``) with ``pack`` neighbours of the
+    last spatial axis folded into the channels when ``pack > 1`` (free reshapes of channels-last
+    arrays; the same sums, only regrouped, so integer results are unchanged)."""
+    dn = _conv_dn(x.ndim)
+    geo = _pack_geometry(x.shape[-2], w.shape[-3], strides[-1], dil[-1], *pads[-1], pack)
+    if geo is None:
+        if pack != 1:
+            raise ValueError(f"cannot pack {pack} columns of input {x.shape} for kernel {w.shape}, "
+                             f"strides {strides}, dilation {dil}, pads {pads}")
+        return lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dil, dimension_numbers=dn,
+                                        preferred_element_type=out_dtype, precision=precision)
+    kw2, lo2, hi2, offs = geo
+    q = pack // strides[-1]
+    b, *sp, width, cin = x.shape
+    xp = x.reshape(b, *sp, width // pack, pack * cin)
+    wp = _packed_kernel(w, kw2, offs, pack, q)
+    y = lax.conv_general_dilated(xp, wp, (*strides[:-1], 1), [*pads[:-1], (lo2, hi2)],
+                                 rhs_dilation=(*dil[:-1], 1), dimension_numbers=dn,
+                                 preferred_element_type=out_dtype, precision=precision)
+    return y.reshape(*y.shape[:-2], y.shape[-2] * q, y.shape[-1] // q)
+
+
+def _fconv_chunk(xdtype, taps: int) -> int:
+    """Input channels per float32 conv chunk: every partial sum of ``taps * chunk`` products
+    |x| * |W| <= xmax * 127 stays <= 2**24 (uint8: 518 products, int8: 1032)."""
+    xmax = 255 if xdtype == jnp.uint8 else 128
+    return (_F32_EXACT // (xmax * W_QMAX)) // taps
+
+
+def _fconv_acc(x, iw, strides, pads, dil):
+    """The int32 accumulator from float32 convs of the integer codes, exactly.
+
+    The input channels are cut into chunks of ``_fconv_chunk`` channels, so one chunk's reduction
+    has at most 518 products of |x| <= 255 and |W| <= 127 (1032 for int8 codes, |x| <= 128): every
+    partial sum, in whatever order or blocking the backend adds them, is an integer of magnitude
+    <= 2**24 and so exact in float32 (precision=HIGHEST: no reduced-precision passes; assumes the
+    backend computes the conv as sums of products — an im2col/direct GEMM, as XLA-CPU does — and
+    not in a transform domain such as Winograd or FFT). Each chunk's exact result is cast to int32
+    and the chunks are summed in int32 (no overflow: ``_check_overflow``)."""
+    kshape = iw.shape
+    cin = kshape[-2]
+    chunk = _fconv_chunk(x.dtype, math.prod(kshape[:-2]))
+    if chunk < 1:
+        raise ValueError(f"kernel {kshape}: one input channel alone has too many taps for an "
+                         "exact float32 conv; use impl='gemm'")
+    xf = x.astype(jnp.float32)
+    wf = iw.kernel.astype(jnp.float32)
+    acc = None
+    for c0 in range(0, cin, chunk):
+        c1 = min(c0 + chunk, cin)
+        part = lax.conv_general_dilated(
+            xf[..., c0:c1], wf[..., c0:c1, :], strides, pads, rhs_dilation=dil,
+            dimension_numbers=_conv_dn(x.ndim), precision=lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32).astype(jnp.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def resolve_impl(impl: str, x_shape, kshape, strides=1, padding="SAME",
+                 kernel_dilation=1, backend: str | None = None) -> str:
+    """The concrete execution of one conv layer for ``impl`` (static: shapes and dtypes only).
+
+    ``impl="auto"`` is a static rule measured on XLA-CPU (jax 0.10, 2-core Sapphire Rapids,
+    ResNet-20/-50 layers at batch 128; BENCHMARKS.md "Issue 15, part 3"):
+
+    * not on CPU: "gemm" (cuDNN has no int8 convolution; float convs there may use Winograd/FFT);
+    * 1x1 kernels: "gemm" (a plain int8 dot, no patch copy);
+    * else the int8 convolution with implicit padding, packing ``pack`` neighbouring columns of
+      the last spatial axis into the channels, ``pack`` = the smallest of 1, 2, 4 with
+      ``pack * cin >= 64`` that the geometry allows ("conv", "conv2", "conv4"): XLA-CPU's int8
+      convolution (YNNPACK) is 3-5x a float32 conv from 64 channels in, but for 16 channels in
+      and out it falls back to a slow generic loop (10x slower than float32);
+    * if the packing the geometry allows leaves ``pack * cin < 32``: "gemm".
+
+    Other impls are returned unchanged (checked). Every impl gives the same int32 accumulator.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    nsp = len(kshape) - 2
+    if backend != "cpu" or math.prod(kshape[:-2]) == 1:
+        return "gemm"
+    strides = _tuple(strides, nsp)
+    dil = _tuple(kernel_dilation, nsp)
+    pads = _explicit_pads(tuple(x_shape[1:-1]), kshape[:-2], strides, padding, dil)
+    cin = kshape[-2]
+    want = next(p for p in (1, 2, 4) if p * cin >= _AUTO_PACKED_CIN or p == 4)
+    for pack in (4, 2, 1):
+        if pack > want:
+            continue
+        if pack == 1 or _pack_geometry(x_shape[-2], kshape[-3], strides[-1], dil[-1], *pads[-1],
+                                       pack) is not None:
+            if pack * cin < _AUTO_PACKED_CIN // 2:  # too narrow for the int8 convolution
+                return "gemm"
+            return {1: "conv", 2: "conv2", 4: "conv4"}[pack]
+    return "gemm"
+
+
+def _conv_acc(x, iw, strides, dil, pads, impl):
     kshape = iw.shape
     length, cout = math.prod(kshape[:-1]), kshape[-1]
-    if impl == "conv":
-        xs, zp = _as_int8_operand(xp)
-        acc = lax.conv_general_dilated(
-            xs, iw.kernel, strides, "VALID", rhs_dilation=dil,
-            dimension_numbers=_conv_dn(xp.ndim), preferred_element_type=jnp.int32,
-        )
-        return acc + _zp_correction(iw.kernel.reshape(length, cout), zp) if zp else acc
+    if impl == "auto":
+        impl = resolve_impl(impl, x.shape, kshape, strides, pads, dil)
+    if impl in _PACKS:  # int8 conv, implicit zero padding: padded taps are 0 in the shifted domain
+        xs, zp = _as_int8_operand(x)
+        acc = _conv_packed(xs, iw.kernel, strides, pads, dil, _PACKS[impl], jnp.int32)
+        return acc + zp * _tap_sums(x.shape[1:-1], iw, strides, pads, dil) if zp else acc
+    if impl == "fconv":
+        return _fconv_acc(x, iw, strides, pads, dil)
+    xp = _pad_spatial(x, pads)
     if impl == "im2col":  # one GEMM over the full (taps, cin) patch
         p = _im2col(xp, kshape[:-2], strides, dil)
         out = p.shape[:-1]
@@ -596,8 +772,6 @@ def _conv_acc(xp, iw, strides, dil, impl):
     sub_len = math.prod(kshape[1:-1])
     b = xp.shape[0]
     h_out = _out_size(xp.shape[1], k0, dil[0], strides[0])
-    if h_out <= 0:
-        raise ValueError(f"empty conv output for input {xp.shape} and kernel {kshape}")
     acc = None
     for i in range(k0):
         lo = i * dil[0]
@@ -623,19 +797,24 @@ def integer_conv(
     impl: str = "gemm",
     return_acc: bool = False,
 ) -> jax.Array:
-    """Integer conv: int8 x int8 -> int32 accumulator, then ``acc * (s_k * s_x) + bias``.
+    """Integer conv: int32 accumulator ``sum x W_int`` of the codes, then ``acc * (s_k * s_x) + bias``.
 
     x_codes: uint8 (unsigned, zero-point 0) or int8 codes, channels-last [B, *spatial, cin].
     iw: folded kernel (``fold_ternary`` / ``fold_int8``), Flax layout (*k, cin, cout).
     x_step: the activation step s_x (scalar, may be traced).
     padding: "SAME" / "VALID" / int / sequence of ints or (lo, hi) pairs, as ``nn.Conv``.
-    impl: "gemm" (one int8 jnp.dot per kernel row over a (kw, cin) im2col patch, summed in int32;
-      the fastest on XLA-CPU), "im2col" (one int8 jnp.dot over the full (kh, kw, cin) patch) or
-      "conv" (int8 lax.conv_general_dilated; CPU only); all give the same int32 accumulator.
+    impl: how the accumulator is computed (all give the same int32 accumulator, bit for bit):
+      "gemm" (one int8 jnp.dot per kernel row over a (kw, cin) im2col patch, summed in int32;
+      runs on GPUs), "im2col" (one int8 jnp.dot over the full (kh, kw, cin) patch), "conv" (int8
+      lax.conv_general_dilated with implicit zero padding and a per-position zero-point
+      correction; CPU only), "conv2" / "conv4" / "conv8" (the same with 2 / 4 / 8 neighbouring
+      columns of the last spatial axis packed into the channels, for narrow layers), "fconv"
+      (float32 convs of the codes over input-channel chunks small enough to be exact, summed in
+      int32) or "auto" (``resolve_impl``'s per-layer rule).
     return_acc: return the int32 accumulator [B, *out, cout] instead of the rescaled float32 output.
     """
-    xp, strides, dil = _conv_setup(x_codes, iw, strides, padding, kernel_dilation)
-    acc = _conv_acc(xp, iw, strides, dil, impl)
+    strides, dil, pads = _conv_geometry(x_codes, iw, strides, padding, kernel_dilation)
+    acc = _conv_acc(x_codes, iw, strides, dil, pads, impl)
     return acc if return_acc else _rescale(acc, iw.scale, x_step, bias)
 
 
@@ -698,7 +877,7 @@ def literal_group_dense(x_codes, iw: IntegerWeights, x_step, *, bias=None):
 # --------------------------------------------------------------------------------------------------
 # whole models
 # --------------------------------------------------------------------------------------------------
-def _module_conv(mod: nn.Conv, codes, iw, step, bias, mode, impl):
+def _module_conv(mod: nn.Conv, codes, iw, step, bias, mode, impl, record=None):
     ks = (mod.kernel_size,) if isinstance(mod.kernel_size, int) else tuple(mod.kernel_size)
     nsp = len(ks)
     if _tuple(mod.input_dilation, nsp) != (1,) * nsp:
@@ -725,12 +904,32 @@ def _module_conv(mod: nn.Conv, codes, iw, step, bias, mode, impl):
     lead = codes.shape[:nbatch]
     if nbatch != 1:
         codes = codes.reshape((-1,) + codes.shape[nbatch:])
+    strides = _tuple(mod.strides, nsp)
+    if mode == "integer":
+        impl = resolve_impl(impl, codes.shape, iw.shape, strides, padding, dil)
+    if record is not None:
+        record[layer_path(mod)] = impl if mode == "integer" else mode
     fn = {"integer": functools.partial(integer_conv, impl=impl),
           "emulate": emulate_integer_conv, "literal": literal_group_conv}[mode]
-    y = fn(codes, iw, step, _tuple(mod.strides, nsp), padding, dil, bias=bias)
+    y = fn(codes, iw, step, strides, padding, dil, bias=bias)
     if nbatch != 1:
         y = y.reshape(*lead, *y.shape[1:])
     return y
+
+
+def _materialize(x: jax.Array, step) -> jax.Array:
+    """``x``, written to memory once before it is quantized (XLA-CPU only; identity elsewhere).
+
+    A folded layer's float input (e.g. a ResNet block's output) often has two readers: the quantize
+    of this layer and a residual add. XLA-CPU then fuses the input's whole elementwise producer
+    chain (rescale, BN, ReLU and the residual adds of earlier blocks) into both readers and
+    recomputes it block after block: in ResNet-20 these fusions cost 3x the convs (6-18 ms per
+    layer instead of ~1 ms). ``lax.optimization_barrier`` does not stop it (XLA-CPU expands the
+    barrier before fusion); a conditional does. Its other branch is never taken for a valid step
+    (step > 0) and gives NaN (two identical branches would be simplified away)."""
+    if jax.default_backend() != "cpu":  # a GPU conditional would sync with the host per layer
+        return x
+    return lax.cond(jnp.all(jnp.asarray(step) > 0), lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
 
 
 def integer_apply(
@@ -744,14 +943,17 @@ def integer_apply(
     act_cfg=None,
     bits: int = 8,
     signed: bool | Mapping[str, bool] = False,
-    impl: str = "gemm",
+    impl: str | Mapping[str, str] = "auto",
+    plan_out: dict | None = None,
     **apply_kwargs,
 ):
     """``module.apply(variables, x, **apply_kwargs)`` with every folded conv/dense on the integer path.
 
     For each ``nn.Conv`` / ``nn.Dense`` whose path ('/'-joined, e.g. "stage1_block0/conv1") is in
     ``folded``: the input is quantized to integer codes with the layer's step ``act_steps[path]``,
-    then ``mode`` = "integer" (int8 GEMM, ``impl`` "gemm" / "im2col" / "conv"), "emulate" (exact float32
+    then ``mode`` = "integer" (the integer accumulator, computed as ``impl`` says: one of ``IMPLS``
+    for every conv, "auto" for ``resolve_impl``'s per-layer rule, or a ``{path: impl}`` mapping,
+    missing paths "auto"; dense layers always run the int8 GEMM), "emulate" (exact float32
     emulation) or "literal" (the paper's per-group form, unrounded alphas) computes the layer with
     the folded kernel (the kernel in ``variables`` is ignored but must have the same shape); the
     layer's own bias is added. Layers not folded run in float; if their path is in ``act_cfg`` /
@@ -760,6 +962,9 @@ def integer_apply(
     act_cfg: an ``activations.ActConfig`` (anything with ``.spec() -> {path: (bits, signed)}``); when
       given it decides each layer's bits and signedness, else ``bits`` / ``signed`` (a bool or a
       ``{path: bool}`` mapping) do. Bits must be <= 8 on folded layers.
+    plan_out: a dict that receives ``{path: execution}`` of every folded layer at trace time (the
+      resolved impl in mode "integer", "gemm" for dense layers; the mode otherwise) — see
+      ``integer_plan``.
     Pure and jit-able (``folded`` and ``act_steps`` are pytrees of arrays); ``train`` defaults to
     False. Returns what ``module.apply`` returns.
     """
@@ -798,13 +1003,16 @@ def integer_apply(
             raise ValueError(f"{path}: folded kernel {iw.shape} != model kernel {kshape}")
         b, s = layer_q(path)
         step = act_steps[path]
-        codes = quantize_input(xin, step, b, s)
+        codes = quantize_input(_materialize(xin, step), step, b, s)
         bias = mod.get_variable("params", "bias") if mod.use_bias else None
         if isinstance(mod, nn.Dense):
+            if plan_out is not None:
+                plan_out[path] = "gemm" if mode == "integer" else mode
             fn = {"integer": integer_dense, "emulate": emulate_integer_dense,
                   "literal": literal_group_dense}[mode]
             return fn(codes, iw, step, bias=bias)
-        return _module_conv(mod, codes, iw, step, bias, mode, impl)
+        layer_impl = impl.get(path, "auto") if isinstance(impl, Mapping) else impl
+        return _module_conv(mod, codes, iw, step, bias, mode, layer_impl, plan_out)
 
     apply_kwargs.setdefault("train", False)
     with nn.intercept_methods(interceptor):
@@ -817,10 +1025,11 @@ def integer_apply(
 
 def make_integer_forward(
     module: nn.Module, mode: str = "integer", *, act_cfg=None, bits: int = 8,
-    signed: bool | Mapping[str, bool] = False, impl: str = "gemm",
+    signed: bool | Mapping[str, bool] = False, impl: str | Mapping[str, str] = "auto",
 ) -> Callable:
     """A jitted ``f(variables, folded, act_steps, x) -> logits`` for ``integer_apply`` (eval mode)."""
     signed_t = tuple(sorted(signed.items())) if isinstance(signed, Mapping) else signed
+    impl = dict(impl) if isinstance(impl, Mapping) else impl
 
     @jax.jit
     def forward(variables, folded, act_steps, x):
@@ -829,3 +1038,18 @@ def make_integer_forward(
                              bits=bits, signed=s, impl=impl)
 
     return forward
+
+
+def integer_plan(
+    module: nn.Module, variables: Mapping[str, Any], folded: Mapping[str, IntegerWeights],
+    act_steps: Mapping[str, Any], x: jax.Array, *, impl: str | Mapping[str, str] = "auto",
+    **kwargs,
+) -> dict[str, str]:
+    """``{layer path: execution}`` that ``integer_apply(..., mode="integer", impl=impl)`` uses for
+    each folded layer on an input shaped like ``x`` (traced abstractly with ``jax.eval_shape``;
+    nothing is computed). ``kwargs`` as ``integer_apply`` (act_cfg, bits, signed, ...)."""
+    plan: dict[str, str] = {}
+    jax.eval_shape(lambda v, f, s, xx: integer_apply(module, v, f, s, xx, "integer", impl=impl,
+                                                     plan_out=plan, **kwargs),
+                   variables, folded, act_steps, x)
+    return plan

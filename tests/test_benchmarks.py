@@ -65,6 +65,7 @@ def test_run_all_tiny(tmp_path):
     assert ev[0]["vs_fp32"] == pytest.approx(1.0)
     assert [r["target"] for r in ev] == [None, ">= 0.9x", ">= 1.2x", None]
     assert all(isinstance(r["met"], bool) for r in ev if r["target"])
+    assert ev[0]["impl"] is None and ev[2]["impl"]  # the integer row names its per-layer executions
 
     ex = data["results"]["export"]["rows"]
     assert [(r["N"], r["policy"]) for r in ex] == [("4", "default"), ("4", "all"), ("64", "default"), ("64", "all")]

@@ -4,6 +4,7 @@ paper's literal per-group form, and whole-model integer inference through method
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -231,6 +232,97 @@ def test_integer_conv_bit_exact_with_emulation(group_size, signed, strides, padd
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-4)
 
 
+ALL_CONV_IMPLS = ["gemm", "im2col", "conv", "conv2", "conv4", "fconv", "auto"]
+
+
+def _impl_cases():
+    # (kshape, xshape, strides, padding, dilation, impls): narrow ResNet-20-like layers where every
+    # packing fits, odd widths / asymmetric pads / dilation where only some do
+    return [
+        ((3, 3, 16, 16), (2, 8, 8, 16), (1, 1), "SAME", (1, 1), ALL_CONV_IMPLS + ["conv8"]),
+        ((3, 3, 16, 32), (2, 8, 8, 16), (2, 2), "SAME", (1, 1), ALL_CONV_IMPLS),
+        ((3, 3, 8, 12), (2, 9, 8, 8), (2, 2), ((1, 0), (0, 2)), (1, 1), ALL_CONV_IMPLS),
+        ((3, 2, 12, 6), (2, 11, 12, 12), (1, 2), "SAME", (1, 1), ALL_CONV_IMPLS),
+        ((2, 3, 4, 6), (1, 7, 9, 4), (1, 1), "VALID", (2, 1), ["gemm", "conv", "fconv", "auto"]),
+        ((3, 3, 12, 6), (2, 7, 8, 12), (1, 1), "SAME", (1, 2), ["gemm", "conv", "fconv", "auto"]),
+        ((1, 1, 12, 6), (2, 7, 8, 12), (2, 2), "SAME", (1, 1), ALL_CONV_IMPLS),
+        ((3, 12, 6), (2, 20, 12), (2,), "SAME", (1,), ALL_CONV_IMPLS),  # 1-D conv
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_impl_cases())))
+@pytest.mark.parametrize("signed", [False, True])
+def test_every_impl_bit_exact(case, signed):
+    """Every execution of a conv (int8 GEMMs, int8 convs with implicit padding and packed columns,
+    chunked float32 convs, the auto rule) gives the emulation's int32 accumulator."""
+    kshape, xshape, strides, padding, dil, impls = _impl_cases()[case]
+    iw = I.fold_ternary(ternarize(rand_kernel(kshape, 21 + case), 4))
+    x = rand_codes(xshape, signed, 22 + case)
+    emu = np.asarray(emulate_integer_conv(x, iw, 0.5, strides, padding, dil, return_acc=True))
+    np.testing.assert_array_equal(emu, ref_acc_conv(x, iw.kernel, strides, padding, dil))
+    for impl in impls:
+        if impl == "fconv" and jax.default_backend() != "cpu":
+            continue  # GPU float convs may use Winograd/FFT: fconv's exactness assumes sums of products
+        if impl in ("conv", "conv2", "conv4", "conv8") or (
+                impl == "auto" and I.resolve_impl("auto", xshape, kshape, strides, padding, dil)
+                .startswith("conv")):
+            if jax.default_backend() != "cpu":
+                continue
+        acc = integer_conv(x, iw, 0.5, strides, padding, dil, impl=impl, return_acc=True)
+        assert acc.dtype == jnp.int32, impl
+        np.testing.assert_array_equal(np.asarray(acc), emu, err_msg=impl)
+
+
+def test_packing_infeasible_raises_and_auto_rule():
+    iw = I.fold_ternary(ternarize(rand_kernel((3, 3, 16, 16), 3), 4))
+    x = rand_codes((1, 6, 6, 16), False)  # width 6: 4 columns do not pack
+    with pytest.raises(ValueError, match="cannot pack"):
+        integer_conv(x, iw, 1.0, 1, "SAME", impl="conv4", return_acc=True)
+    r = functools.partial(I.resolve_impl, "auto", backend="cpu")
+    assert r((8, 32, 32, 16), (3, 3, 16, 16)) == "conv4"
+    assert r((8, 32, 32, 16), (3, 3, 16, 32), 2) == "conv4"
+    assert r((8, 16, 16, 32), (3, 3, 32, 32)) == "conv2"
+    assert r((8, 8, 8, 64), (3, 3, 64, 64)) == "conv"
+    assert r((8, 6, 6, 16), (3, 3, 16, 16)) == "conv2"  # 4 does not divide 6: the next that fits
+    assert r((8, 5, 5, 16), (3, 3, 16, 16)) == "gemm"  # nothing fits: too narrow for the int8 conv
+    assert r((8, 8, 8, 64), (1, 1, 64, 64)) == "gemm"
+    assert r((8, 8, 8, 64), (3, 3, 64, 64), backend="gpu") == "gemm"
+    assert I.resolve_impl("fconv", (8, 8, 8, 64), (3, 3, 64, 64)) == "fconv"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        I.resolve_impl("nope", (8, 8, 8, 64), (3, 3, 64, 64))
+
+
+@pytest.mark.parametrize("kshape,signed", [
+    ((3, 3, 57, 3), False),  # 513 products: one chunk, right at the 518 bound
+    ((3, 3, 58, 3), False),  # 522: two chunks (57 + 1 channels)
+    ((1, 1, 518, 3), False), ((1, 1, 519, 3), False), ((1, 1, 1037, 3), False),  # 518 | 1 | 1
+    ((1, 1, 1032, 3), True), ((1, 1, 1033, 3), True),  # int8 codes: chunks of 1032
+])
+def test_fconv_exact_at_chunk_boundaries_and_worst_case(kshape, signed):
+    """Chunked float32 convs at the worst magnitudes (|x| = 255 or 128, |W| = 127, all aligned):
+    a chunk's sum reaches 518 * 255 * 127 = 16_775_430 (just below 2**24), whole sums far above."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("fconv is exact where the backend's float conv adds products (XLA-CPU)")
+    L = int(np.prod(kshape[:-1]))
+    w = np.full(kshape, 127, np.int8)
+    w[..., 1] = -127
+    w.reshape(L, -1)[::3, 2] = -127
+    iw = I.IntegerWeights(kernel=jnp.asarray(w), scale=jnp.ones(kshape[-1], jnp.float32))
+    xv = -128 if signed else 255
+    x = np.full((2, 4, 4, kshape[-2]), xv, np.int8 if signed else np.uint8)
+    x[1, ::2, 1::2] = 1
+    ref = ref_acc_conv(x, w, (1, 1), "SAME")
+    xmax = 128 if signed else 255
+    assert np.abs(ref).max() > 2**24 or np.abs(ref).max() == L * xmax * 127  # beyond, or at, the bound
+    chunk = I._fconv_chunk(x.dtype, int(np.prod(kshape[:-2])))
+    assert chunk * int(np.prod(kshape[:-2])) * xmax * 127 <= 2**24
+    for impl in ("fconv", "gemm"):
+        acc = integer_conv(x, iw, 1.0, (1, 1), "SAME", impl=impl, return_acc=True)
+        np.testing.assert_array_equal(np.asarray(acc), ref, err_msg=impl)
+    np.testing.assert_array_equal(
+        np.asarray(emulate_integer_conv(x, iw, 1.0, (1, 1), "SAME", return_acc=True)), ref)
+
+
 @pytest.mark.parametrize(
     "kshape,xshape,strides,dilation",
     [((3, 12, 6), (2, 20, 12), (2,), (2,)),  # 1-D conv, dilated
@@ -420,7 +512,14 @@ def test_integer_apply_small_model(group_size):
     steps = _calibrate_steps(module, unrounded, x, layers)
 
     fwd = {m: I.make_integer_forward(module, m) for m in I.MODES}
-    y_int = fwd["integer"](variables, folded, steps, x)
+    y_int = fwd["integer"](variables, folded, steps, x)  # impl="auto": the per-layer rule
+    plan = I.integer_plan(module, variables, folded, steps, x)
+    assert sorted(plan) == layers and plan["fc"] == "gemm"
+    plans = ["gemm"] + (["fconv", {"conv1": "fconv", "conv2": "gemm"}]
+                        if jax.default_backend() == "cpu" else [])
+    for impl in plans:  # whole model, any plan
+        y = I.make_integer_forward(module, "integer", impl=impl)(variables, folded, steps, x)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y_int))
     y_emu = fwd["emulate"](variables, folded, steps, x)
     y_lit = fwd["literal"](variables, folded, steps, x)
     fq = jax.jit(lambda v, s, x: _fake_quant_apply(module, v, s, x))
