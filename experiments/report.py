@@ -2,9 +2,15 @@
 
     python -m experiments.report results/cifar10_jpeg/resnet20/sweep_exact.csv [--pivot]
     python -m experiments.report results/cifar10_jpeg/resnet20/finetune_resnet20_n64.csv
+    python -m experiments.report results/cifar10_jpeg/resnet20/{sweep_exact,reconstruct_grid}.csv \
+        --where method=exact --where act_bits=8,4 --where bn_reestimate=true --pivot \
+        --plot results/cifar10_jpeg/resnet20/reconstruct_before_after
 
 --pivot: one row per (method, N), one top-1 column per (activation bits, repairs) — the compact view
-of a sweep. Without it, the rows as they are, with the most useful columns.
+of a sweep. Without it, the rows as they are, with the most useful columns. Several CSVs are read as
+one list of rows (a column one file lacks reads as empty, a repair it lacks as off); --where keeps
+the rows whose column has one of the given values; --plot draws those rows as sweep curves (one per
+activation precision, method and repairs: a before/after figure from two files).
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ def table(rows, columns) -> str:
 
 
 # the short names of the pivot's column heads, in the order they are written
-REPAIR_ABBREV = {"equalize": "eq", "bn_reestimate": "BN", "bias_correct": "bias", "scale_fit": "fit"}
+REPAIR_ABBREV = {"equalize": "eq", "bn_reestimate": "BN", "bias_correct": "bias", "scale_fit": "fit",
+                 "reconstruct": "recon"}
 
 
 def _repairs(r) -> str:
@@ -75,14 +82,46 @@ def pivot(rows) -> str:
     return "\n".join(lines)
 
 
+def parse_where(spec: str) -> tuple[str, set[str]]:
+    """``"act_bits=8,4"`` -> ``("act_bits", {"8", "4"})``."""
+    key, sep, values = spec.partition("=")
+    if not sep or not key or not values:
+        raise SystemExit(f"report: --where {spec!r} is not COLUMN=VALUE[,VALUE...]")
+    return key, set(values.split(","))
+
+
+def select(rows, where) -> list[dict]:
+    """The rows whose every ``where`` column holds one of its values (a missing repair column reads
+    as "false", any other missing column as "")."""
+    def value(r, key):
+        return r.get(key) or ("false" if key in REPAIRS else "")
+    return [r for r in rows if all(value(r, k) in vs for k, vs in where)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("csv", help="a results CSV")
+    parser.add_argument("csv", nargs="+", help="results CSVs (read as one list of rows)")
     parser.add_argument("--pivot", action="store_true", help="compact sweep view")
+    parser.add_argument("--where", action="append", default=[], metavar="COLUMN=V1[,V2...]",
+                        help="keep rows whose COLUMN is one of the values (repeatable: all must hold)")
+    parser.add_argument("--plot", metavar="OUT_BASE",
+                        help="also draw the rows to OUT_BASE_mults.png and OUT_BASE_bits.png")
+    parser.add_argument("--title", default="", help="plot title")
     args = parser.parse_args(argv)
-    rows = read_csv(args.csv)
+    where = [parse_where(w) for w in args.where]
+    rows = []
+    for path in args.csv:
+        got = read_csv(path)
+        if not got:
+            raise SystemExit(f"report: {path!r} is missing or empty")
+        rows += got
+    rows = select(rows, where)
     if not rows:
-        raise SystemExit(f"report: {args.csv!r} is missing or empty")
+        raise SystemExit(f"report: no row of {args.csv} matches {args.where}")
+    if args.plot:
+        from fgq_jax.plots import plot_sweep  # matplotlib only when asked
+        for path in plot_sweep(rows, args.plot, title=args.title):
+            print(f"wrote {path}", file=sys.stderr)
     if args.pivot:
         print(pivot(rows))
     else:

@@ -60,3 +60,37 @@ def test_cli_table_and_pivot(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("| method | group_size | act_bits |")
     with pytest.raises(SystemExit, match="missing or empty"):
         report.main([str(tmp_path / "absent.csv")])
+
+
+def test_several_csvs_where_filters_and_a_before_after_plot(tmp_path, capsys):
+    # the plot also needs the policy and the whole-network x axis, as a sweep's CSV has them
+    rows = [dict(r, first_last="fp", mult_eliminated_pct=r["quantized_mult_eliminated_pct"])
+            for r in _rows()]
+    columns = (*COLUMNS, "first_last", "mult_eliminated_pct")
+    before = tmp_path / "before.csv"
+    write_csv(before, rows, columns)
+    after_rows = [dict(r, reconstruct="true", top1="70.0000") for r in rows
+                  if r["method"] == "exact" and r["bn_reestimate"] == "true"]
+    after = tmp_path / "after.csv"
+    write_csv(after, after_rows, (*columns, "reconstruct"))
+    base = tmp_path / "plots" / "before_after"
+    argv = [str(before), str(after), "--where", "method=exact", "--where", "act_bits=8,4",
+            "--where", "bn_reestimate=true", "--pivot", "--plot", str(base)]
+    assert report.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # the before file has no reconstruct column: its rows read as "recon off", a column of their own
+    assert lines[0].split(" | ")[4:] == ["a8 BN+bias", "a8 BN+bias+recon", "a4 BN+bias",
+                                         "a4 BN+bias+recon |"]
+    assert len(lines) == 2 + 4  # exact at N = 2, 16, channel, tensor; no twn, no fp
+    assert all(line.split(" | ")[5] == "70.00" for line in lines[2:])
+    assert (tmp_path / "plots" / "before_after_mults.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "before_after_bits.png").stat().st_size > 0
+
+
+def test_bad_where_and_no_match_are_clear_errors(tmp_path):
+    path = tmp_path / "r.csv"
+    write_csv(path, _rows(), COLUMNS)
+    with pytest.raises(SystemExit, match="not COLUMN=VALUE"):
+        report.main([str(path), "--where", "act_bits"])
+    with pytest.raises(SystemExit, match="matches"):
+        report.main([str(path), "--where", "method=nonesuch"])
