@@ -44,7 +44,7 @@ def table(rows, columns) -> str:
 
 # the short names of the pivot's column heads, in the order they are written
 REPAIR_ABBREV = {"equalize": "eq", "bn_reestimate": "BN", "bias_correct": "bias", "scale_fit": "fit",
-                 "reconstruct": "recon"}
+                 "reconstruct": "recon", "recalibrate": "recal"}
 
 
 def _repairs(r) -> str:

@@ -17,7 +17,7 @@ ACT_STYLE = {"fp": ("tab:blue", "FP activations"), "8": ("tab:orange", "8-bit ac
 
 def _repair_label(row) -> str:
     names = [n for n, k in (("BN", "bn_reestimate"), ("bias", "bias_correct"), ("fit", "scale_fit"),
-                            ("recon", "reconstruct"))
+                            ("recon", "reconstruct"), ("recal", "recalibrate"))
              if row.get(k) == "true"]
     return "+".join(names)
 

@@ -1,9 +1,11 @@
 """Post-training quantization of one model by one recipe: the unit a sweep point evaluates and the
 starting point of fine-tuning.
 
-    ternarize weights (recipe rules) -> calibrate activation steps -> [fit scales] -> [reconstruct
-    blocks] -> [bias correction] -> [BN re-estimation] -> (recalibrate) -> QuantizedModel (variables +
-    steps for `Evaluator`)
+    ternarize weights (recipe rules) -> calibrate activation steps -> [fit scales] [-> recalibrate]
+    -> [reconstruct blocks] [-> recalibrate] -> [bias correction] -> [BN re-estimation] ->
+    (recalibrate) -> QuantizedModel (variables + steps for `Evaluator`)
+
+(the bracketed recalibrations only with the `recalibrate` repair; the last one after any repair)
 
 Reconstruction runs before bias correction and BN re-estimation: it matches each quantized block to
 the FP block *with the FP network's BatchNorm statistics* (so the quantized network imitates the
@@ -118,6 +120,9 @@ def quantize_model(
         )
         variables = {**variables, "params": dequantize_tree(ternary_params)}
         seconds["scale_fit"], t0 = time.perf_counter() - t0, time.perf_counter()
+        if rep.recalibrate:
+            act_cfg, steps = calibrate(variables)
+            seconds["recalibrate"], t0 = time.perf_counter() - t0, time.perf_counter()
     if rep.reconstruct:
         settings = reconstruct.ReconSettings(
             iterations=rep.recon_iters, batch_size=rep.recon_batch, qdrop=float(rep.recon_qdrop),
@@ -129,6 +134,10 @@ def quantize_model(
         )
         variables = {**variables, "params": dequantize_tree(ternary_params)}
         seconds["reconstruct"], t0 = time.perf_counter() - t0, time.perf_counter()
+        if rep.recalibrate:
+            act_cfg, steps = calibrate(variables)
+            seconds["recalibrate"] = seconds.get("recalibrate", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
     if rep.bias_correct and not _bias_correction_overwritten(spec, variables, quantized, rep):
         variables = repairs.bias_correction(
             module, variables, variables_fp["params"], repair_images, family, quantized, act_cfg, steps
@@ -149,7 +158,9 @@ def _bias_correction_overwritten(spec, variables, layers, rep) -> bool:
     shift into the running mean of the BatchNorm consuming it. The re-estimation's train-mode
     forward normalises with batch statistics (it never reads a running mean), then overwrites
     every running mean and variance: the result is the same bit for bit."""
-    if not rep.bn_reestimate or not set(rep.names) <= {"scale_fit", "bias_correct", "bn_reestimate"}:
+    # (recalibration happens after scale fitting, before bias correction: it changes nothing here)
+    if not rep.bn_reestimate or not set(rep.names) <= {"scale_fit", "bias_correct", "bn_reestimate",
+                                                        "recalibrate"}:
         return False
     consumers = repairs.bn_consumers(spec.module, variables, spec.input_shape)
     return all(p in consumers for p in layers)

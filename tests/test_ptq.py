@@ -124,3 +124,54 @@ def test_bias_correction_before_bn_reestimation_is_skipped_only_when_it_cannot_m
     b = repairs.reestimate_bn(module, quant, images, "cifar")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert jnp.array_equal(x, y)
+
+
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_recalibrate_gives_each_later_repair_the_steps_of_the_network_it_acts_on(tiny, monkeypatch,
+                                                                                 recalibrate):
+    """Off: scale fitting, reconstruction and bias correction all run with the steps calibrated on
+    the freshly ternarized network. On: reconstruction gets steps calibrated on the scale-fitted
+    network, bias correction steps calibrated on the reconstructed one."""
+    import types
+
+    from fgq_jax import ptq, reconstruct, repairs
+    from fgq_jax.recipe import QuantRecipe
+
+    module, variables, images, _ = tiny
+    # no FP first/last layer here: conv_a is ternary too, so fitting it moves conv_b's input
+    spec = types.SimpleNamespace(module=module, first_layer="(none)", last_layer="(none)",
+                                 dataset_family="cifar", input_shape=images.shape[1:])
+    recipe = QuantRecipe.make(method="exact", group_size=4, act_bits=4, num_calib=37,
+                              scale_fit=True, reconstruct=True, bias_correct=True,
+                              recalibrate=recalibrate, num_repair=37, num_fit=37, num_recon=37,
+                              recon_iters=20, recon_unit="layer", augment_repair_images=False)
+    seen = {}
+
+    def spy(name, real, steps_at, variables_at):
+        def wrapper(*args, **kwargs):
+            seen[name] = (dict(args[steps_at]), variables_at(args, kwargs))
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(repairs, "fit_scales", spy("fit", repairs.fit_scales, 7, lambda a, k: None))
+    monkeypatch.setattr(reconstruct, "reconstruct", spy("recon", reconstruct.reconstruct, 6,
+                                                        lambda a, k: k["variables_q"]))
+    monkeypatch.setattr(repairs, "bias_correction", spy("bias", repairs.bias_correction, 7,
+                                                        lambda a, k: a[1]))
+    ptq.quantize_model(spec, variables, recipe, images, images)
+
+    def calibrated_on(v):
+        return ptq.calibrate_steps(module, v, images, 4, ["conv_a", "conv_b", "fc"], "cifar",
+                                   recipe.activations.calibration)[1]
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(float(a[k]) == float(b[k]) for k in a)
+
+    fresh_for_recon = calibrated_on(seen["recon"][1])
+    fresh_for_bias = calibrated_on(seen["bias"][1])
+    if recalibrate:
+        assert same(seen["recon"][0], fresh_for_recon) and same(seen["bias"][0], fresh_for_bias)
+        assert not same(seen["recon"][0], seen["fit"][0])  # so the check above can fail
+    else:
+        assert same(seen["recon"][0], seen["fit"][0]) and same(seen["bias"][0], seen["fit"][0])
+        assert not same(seen["recon"][0], fresh_for_recon)

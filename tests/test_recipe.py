@@ -55,7 +55,7 @@ def test_key_spelling_and_round_trip():
                          first_last="8", scale_fit=True)
     assert r.key() == dict(method="exact+asym", group_size="tensor", act_bits="fp", first_last="8",
                            bn_reestimate=False, bias_correct=False, scale_fit=True, equalize=False,
-                           reconstruct=False)
+                           reconstruct=False, recalibrate=False)
     assert set(r.key()) == set(KEY_COLUMNS)
     assert QuantRecipe.from_key(r.key()) == r
     csv_spelled = {k: fileio.format_value(v) for k, v in r.key().items()}  # as read back from a CSV
