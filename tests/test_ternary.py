@@ -210,7 +210,8 @@ def test_exact_brute_force_hypothesis(w):
 
 
 @pytest.mark.parametrize("n,impl", [(33, "bitonic"), (64, "bitonic"), (64, "sort"), (200, "hist"),
-                                    (128, "bitonic"), (200, "bitonic"), (256, "bitonic")])
+                                    (128, "bitonic"), (200, "bitonic"), (256, "bitonic"),
+                                    (512, "bitonic_vec"), (300, "bitonic_vec")])
 def test_exact_larger_groups_match_float64_reference(n, impl):
     rng = np.random.default_rng(n)
     g = rng.standard_normal((64, n)).astype(np.float32)
@@ -313,9 +314,11 @@ def test_hist_fallback_1d_is_exercised():
     assert f >= _f64_best(a) * (1 - 1e-6)
 
 
-@pytest.mark.parametrize("shape", [(256, 24), (2, 2, 32, 16), (3, 3, 16, 8)])
+@pytest.mark.parametrize("shape", [(256, 24), (2, 2, 32, 16), (3, 3, 16, 8), (1, 1, 512, 8),
+                                   (1024, 4)])
 def test_channel_groups_match_reference(shape):
-    """Per-channel groups of 64 < L <= 256 (bitonic network since issue 15) and L = 144."""
+    """Per-channel groups of 64 < L <= 256 (bitonic network since issue 15), L = 144, and
+    L = 512, 1024 (bitonic network with the vectorized cut scan)."""
     rng = np.random.default_rng(len(shape))
     k = rng.standard_normal(shape).astype(np.float32)
     k[..., 0] = np.round(k[..., 0])  # ties
