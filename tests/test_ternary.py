@@ -209,7 +209,9 @@ def test_exact_brute_force_hypothesis(w):
     assert np.all(np.asarray(tt.scales) >= 0)
 
 
-@pytest.mark.parametrize("n,impl", [(33, "bitonic"), (64, "bitonic"), (64, "sort"), (200, "hist")])
+@pytest.mark.parametrize("n,impl", [(33, "bitonic"), (64, "bitonic"), (64, "sort"), (200, "hist"),
+                                    (128, "bitonic"), (200, "bitonic"), (256, "bitonic"),
+                                    (512, "bitonic_vec"), (300, "bitonic_vec")])
 def test_exact_larger_groups_match_float64_reference(n, impl):
     rng = np.random.default_rng(n)
     g = rng.standard_normal((64, n)).astype(np.float32)
@@ -259,6 +261,76 @@ def test_hist_certificate_and_fallback():
     thr1, alpha1, ok1 = T._exact_hist(jnp.asarray(a), bins=64, max_levels=1)
     assert not np.all(np.asarray(ok1))
     check(thr1, alpha1)
+
+
+def _f64_best(v: np.ndarray) -> float:
+    """max_k S_k^2 / k of |v| in float64 (the optimum of the exact objective)."""
+    s = -np.sort(-np.abs(v.astype(np.float64)))
+    c = np.cumsum(s)
+    return float(np.max(c * c / np.arange(1, len(s) + 1)))
+
+
+def _hist_1d_cases():
+    rng = np.random.default_rng(5)
+    normal = rng.standard_normal(4096 * 3).astype(np.float32)  # n % 1024 == 0: partial-sum stats path
+    odd = rng.standard_normal(1001).astype(np.float32)  # gcd(n, 1024) == 1: plain reductions
+    ties = np.round(rng.standard_normal(3000) * 2).astype(np.float32) / 2  # few distinct values
+    zeros = np.zeros(2048, np.float32)
+    zeros[:3] = [0.5, -0.5, 2.0]  # mostly zeros
+    equal = np.full(1536, -0.75, np.float32)  # one tie run
+    # two local optima of S_k^2 / k: a few large weights and a broad cloud of small ones
+    bimodal = np.concatenate([np.full(40, 10.0), 0.1 * rng.standard_normal(20000)]).astype(np.float32)
+    bimodal2 = np.concatenate([np.full(400, 1.0), np.full(1700, 0.5)]).astype(np.float32)
+    return dict(normal=normal, odd=odd, ties=ties, zeros=zeros, equal=equal, bimodal=bimodal,
+                bimodal2=bimodal2)
+
+
+@pytest.mark.parametrize("name", list(_hist_1d_cases()))
+@pytest.mark.parametrize("max_levels", [16, 1])
+def test_hist_1d_matches_float64_optimum(name, max_levels):
+    """One group as a 1-D array (the per-tensor layout), both ways of taking its sum and max, with
+    and without the sort fallback (max_levels=1 rarely certifies): thr/alpha describe the codes
+    {|w| >= thr} with alpha their mean, and that cut reaches the float64 optimum."""
+    v = _hist_1d_cases()[name]
+    a = np.abs(v)
+    thr, alpha, ok = T._exact_hist(jnp.asarray(a), max_levels=max_levels)
+    thr, alpha = float(thr[0]), float(alpha[0])
+    keep = a >= thr
+    assert keep.sum() > 0
+    f = a[keep].sum(dtype=np.float64) ** 2 / keep.sum()
+    best = _f64_best(v)
+    assert f >= best * (1 - 2e-6), (name, f, best)
+    np.testing.assert_allclose(alpha, a[keep].mean(dtype=np.float64), rtol=1e-5)
+
+
+def test_hist_fallback_1d_is_exercised():
+    """A 1-D group that one coarse level cannot certify: the flag says so, the sort fallback is exact."""
+    a = np.abs(_hist_1d_cases()["normal"])
+    _, _, ok = T._exact_hist(jnp.asarray(a), bins=64, max_levels=1, fallback=False)
+    assert not bool(ok[0])
+    thr, alpha, _ = T._exact_hist(jnp.asarray(a), bins=64, max_levels=1)
+    keep = a >= float(thr[0])
+    f = a[keep].sum(dtype=np.float64) ** 2 / keep.sum()
+    assert f >= _f64_best(a) * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(256, 24), (2, 2, 32, 16), (3, 3, 16, 8), (1, 1, 512, 8),
+                                   (1024, 4)])
+def test_channel_groups_match_reference(shape):
+    """Per-channel groups of 64 < L <= 256 (bitonic network since issue 15), L = 144, and
+    L = 512, 1024 (bitonic network with the vectorized cut scan)."""
+    rng = np.random.default_rng(len(shape))
+    k = rng.standard_normal(shape).astype(np.float32)
+    k[..., 0] = np.round(k[..., 0])  # ties
+    k[..., 1] = 0.0  # all-zero channel
+    tt = ternarize(k, "channel")
+    w = k.reshape(-1, shape[-1])
+    codes = np.asarray(tt.codes).reshape(-1, shape[-1])
+    for c in range(shape[-1]):
+        t_ref, a_ref = exact_group_np(w[:, c])
+        e_ref = np.sum((w[:, c] - a_ref * t_ref) ** 2, dtype=np.float64)
+        e = np.sum((w[:, c] - float(tt.scales[0, c]) * codes[:, c]) ** 2, dtype=np.float64)
+        assert e <= e_ref * (1 + 1e-6) + 1e-9, (c, e, e_ref)
 
 
 def test_batcher_network_sorts():
