@@ -628,6 +628,59 @@ def _opaque(fn, x):
 _HIST_CHUNK = 1 << 18  # elements per scatter chunk: its temporaries stay in cache
 
 
+def _sum_and_max(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum, max) of each group of ``a`` (f32 [n, M] or [n]), each f32 [M] (M = 1 for 1-D).
+
+    Over a 1-D array XLA merges the two scalar reductions into one variadic reduce, which its CPU
+    backend does not vectorize (~10x slower than either alone: 4-5 ms on a 2.4M-weight tensor). So
+    a 1-D array is reduced as the columns of a [n / d, d] view (vectorized even when merged) and
+    the d partials are finished behind :func:`_opaque`, which XLA cannot fold back into one scalar
+    reduction."""
+    n = a.shape[0]
+    rows = a.shape[1] if a.ndim == 2 else 1
+    d = math.gcd(n, 1024) if a.ndim == 1 else 1
+    if d >= 8:
+        a2 = a.reshape(n // d, d)
+        return _opaque(lambda p: (jnp.sum(p[0])[None], jnp.max(p[1])[None]),
+                       (jnp.sum(a2, axis=0), jnp.max(a2, axis=0)))
+    return jnp.sum(a, axis=0).reshape(rows), jnp.max(a, axis=0).reshape(rows)
+
+
+def _hist_pass(a: jax.Array, lo, shift, nb, active, bins: int) -> jax.Array:
+    """One histogram level of :func:`_exact_hist`: f32 [M, bins, 2] (residual sum, count) of the
+    elements of each group of ``a`` (f32 [n, M] or [n]) whose bit pattern lies in the group's open
+    range [lo, lo + nb << shift) (uint32 [M] each; inactive groups: nothing). One scatter-add,
+    streamed over the data in cache-sized chunks."""
+    n = a.shape[0]
+    rows = a.shape[1] if a.ndim == 2 else 1
+    per = (lambda v: v[None, :]) if a.ndim == 2 else (lambda v: v)  # [rows] -> broadcast to a row
+    chunk = max(1, min(n, _HIST_CHUNK // rows))
+    n_chunks, rem = divmod(n, chunk)
+    seg_base = per(jnp.arange(rows, dtype=jnp.int32) * bins)
+    lo3, sh3, nb3, act3 = (per(v) for v in (lo, shift, nb, active))
+
+    def add(h, blk):
+        bits = jax.lax.bitcast_convert_type(blk, jnp.uint32)
+        b = (bits - lo3) >> sh3
+        inside = (bits >= lo3) & (b < nb3) & act3
+        # residuals against the bin's lower edge keep the float32 sums accurate
+        edge = jax.lax.bitcast_convert_type(lo3 + (b << sh3), jnp.float32)
+        upd = jnp.stack([blk - edge, jnp.ones_like(blk)], -1)
+        seg = jnp.where(inside, seg_base + b.astype(jnp.int32), rows * bins)  # else: dump slot
+        return h.at[seg.reshape(-1)].add(upd.reshape(-1, 2), mode="promise_in_bounds")
+
+    h = jnp.zeros((rows * bins + 1, 2), jnp.float32)
+    if n_chunks > 1:
+        h = jax.lax.fori_loop(
+            0, n_chunks,
+            lambda i, h: add(h, jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=0)), h)
+    elif n_chunks == 1:
+        h = add(h, a[:chunk])
+    if rem:
+        h = add(h, a[n_chunks * chunk:])
+    return h[:-1].reshape(rows, bins, 2)
+
+
 def _exact_hist(a: jax.Array, *, bins: int | None = None, max_levels: int = 16,
                 fallback: bool = True, src: jax.Array | None = None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -655,25 +708,11 @@ def _exact_hist(a: jax.Array, *, bins: int | None = None, max_levels: int = 16,
     """
     n = a.shape[0]
     rows = a.shape[1] if a.ndim == 2 else 1
-    per = (lambda v: v[None, :]) if a.ndim == 2 else (lambda v: v)  # [rows] -> broadcast to a row
     bins = bins or _hist_bins(rows, n)
     log_bins = int(math.log2(bins))
     assert 1 << log_bins == bins
-    chunk = max(1, min(n, _HIST_CHUNK // rows))
-    n_chunks, rem = divmod(n, chunk)
 
-    # Sum and max. Over a 1-D array XLA merges the two scalar reductions into one variadic reduce,
-    # which its CPU backend does not vectorize (~10x slower than either alone: 4-5 ms on a 2.4M-weight
-    # tensor). So a 1-D array is reduced as the columns of a [n / d, d] view (vectorized even when
-    # merged) and the d partials are finished behind :func:`_opaque`, which XLA cannot fold back
-    # into one scalar reduction.
-    d = math.gcd(n, 1024) if a.ndim == 1 else 1
-    if d >= 8:
-        a2 = a.reshape(n // d, d)
-        total, amax = _opaque(lambda p: (jnp.sum(p[0])[None], jnp.max(p[1])[None]),
-                              (jnp.sum(a2, axis=0), jnp.max(a2, axis=0)))
-    else:
-        total, amax = jnp.sum(a, axis=0).reshape(rows), jnp.max(a, axis=0).reshape(rows)
+    total, amax = _sum_and_max(a)
     inv_amax = jnp.where(amax > 0, 1.0 / jnp.where(amax > 0, amax, 1.0), 1.0)  # S/amax: no overflow
     lo0 = jnp.maximum(jax.lax.bitcast_convert_type(total / (4.0 * n), jnp.uint32), 1)
     hi0 = jax.lax.bitcast_convert_type(amax, jnp.uint32) + 1
@@ -681,39 +720,13 @@ def _exact_hist(a: jax.Array, *, bins: int | None = None, max_levels: int = 16,
     shift0 = _bit_length_u32((span0 - 1) >> log_bins)  # smallest shift: bins << shift >= span
     nb0 = jnp.minimum(((span0 - 1) >> shift0) + 1, bins).astype(jnp.uint32)
 
-    seg_base = per(jnp.arange(rows, dtype=jnp.int32) * bins)
     bidx = jnp.arange(bins + 1, dtype=jnp.uint32)[None, :]
     ibins = jnp.arange(bins, dtype=jnp.int32)[None, :]
     take = lambda arr, i: jnp.take_along_axis(arr, i.astype(jnp.int32)[:, None], 1)[:, 0]  # noqa
 
-    def histogram(a, lo, shift, nb, active):
-        """[rows, bins, 2] (residual sum, count) of the elements in each group's open range."""
-        lo3, sh3, nb3, act3 = (per(v) for v in (lo, shift, nb, active))
-
-        def add(h, blk):
-            bits = jax.lax.bitcast_convert_type(blk, jnp.uint32)
-            b = (bits - lo3) >> sh3
-            inside = (bits >= lo3) & (b < nb3) & act3
-            # residuals against the bin's lower edge keep the float32 sums accurate
-            edge = jax.lax.bitcast_convert_type(lo3 + (b << sh3), jnp.float32)
-            upd = jnp.stack([blk - edge, jnp.ones_like(blk)], -1)
-            seg = jnp.where(inside, seg_base + b.astype(jnp.int32), rows * bins)  # else: dump slot
-            return h.at[seg.reshape(-1)].add(upd.reshape(-1, 2), mode="promise_in_bounds")
-
-        h = jnp.zeros((rows * bins + 1, 2), jnp.float32)
-        if n_chunks > 1:
-            h = jax.lax.fori_loop(
-                0, n_chunks,
-                lambda i, h: add(h, jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=0)), h)
-        elif n_chunks == 1:
-            h = add(h, a[:chunk])
-        if rem:
-            h = add(h, a[n_chunks * chunk:])
-        return h[:-1].reshape(rows, bins, 2)
-
     def level(state):
         it, lo, shift, nb, k_above, s_above, best_f, best_t, best_s, best_k, done, a = state
-        hist = histogram(a, lo, shift, nb, ~done)
+        hist = _hist_pass(a, lo, shift, nb, ~done, bins)
         edges_bits = lo[:, None] + (bidx << shift[:, None])  # [rows, bins + 1]
         # edges past the largest finite float only bound empty bins: clamp (no inf/NaN)
         edges = jax.lax.bitcast_convert_type(jnp.minimum(edges_bits, 0x7F7FFFFF), jnp.float32)
