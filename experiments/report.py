@@ -19,7 +19,7 @@ import sys
 
 from fgq_jax.fileio import read_csv
 from fgq_jax.recipe import REPAIRS
-from fgq_jax.results import act_bits_order
+from fgq_jax.results import act_bits_order, repairs_label
 
 SWEEP_COLUMNS = ("method", "group_size", "act_bits", *REPAIRS, "top1", "top5", "quantized_mult_eliminated_pct", "bits_per_weight",
                  "potential_speedup", "top1_rounded_multipliers")
@@ -42,14 +42,8 @@ def table(rows, columns) -> str:
     return "\n".join(lines)
 
 
-# the short names of the pivot's column heads, in the order they are written
-REPAIR_ABBREV = {"equalize": "eq", "bn_reestimate": "BN", "bias_correct": "bias", "scale_fit": "fit",
-                 "reconstruct": "recon", "recalibrate": "recal"}
-
-
 def _repairs(r) -> str:
-    names = [n for k, n in REPAIR_ABBREV.items() if r.get(k) == "true"]
-    return "+".join(names) or "none"
+    return repairs_label(r) or "none"
 
 
 def _size_rank(n: str):

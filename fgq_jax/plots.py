@@ -9,17 +9,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on batch machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fgq_jax.results import act_bits_order  # noqa: E402
+from fgq_jax.results import act_bits_order, repairs_label  # noqa: E402
 
 ACT_STYLE = {"fp": ("tab:blue", "FP activations"), "8": ("tab:orange", "8-bit activations"),
              "4": ("tab:green", "4-bit activations"), "2": ("tab:red", "2-bit activations")}
-
-
-def _repair_label(row) -> str:
-    names = [n for n, k in (("BN", "bn_reestimate"), ("bias", "bias_correct"), ("fit", "scale_fit"),
-                            ("recon", "reconstruct"), ("recal", "recalibrate"))
-             if row.get(k) == "true"]
-    return "+".join(names)
 
 
 def _curves(rows):
@@ -27,7 +20,7 @@ def _curves(rows):
     curves = defaultdict(list)
     for r in rows:
         if r["method"] != "fp":
-            curves[(r["act_bits"], r["method"], r["first_last"], _repair_label(r))].append(r)
+            curves[(r["act_bits"], r["method"], r["first_last"], repairs_label(r))].append(r)
     return curves
 
 

@@ -122,7 +122,8 @@ def quantize_model(
         seconds["scale_fit"], t0 = time.perf_counter() - t0, time.perf_counter()
         if rep.recalibrate:
             act_cfg, steps = calibrate(variables)
-            seconds["recalibrate"], t0 = time.perf_counter() - t0, time.perf_counter()
+            seconds["recalibrate"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
     if rep.reconstruct:
         settings = reconstruct.ReconSettings(
             iterations=rep.recon_iters, batch_size=rep.recon_batch, qdrop=float(rep.recon_qdrop),

@@ -25,6 +25,16 @@ def act_bits_order(bits: str) -> tuple:
     return (1, -int(bits)) if bits.isdigit() else (2, bits)
 
 
+# short names of the repairs in table heads and plot legends, in the order they are written
+REPAIR_ABBREV = {"equalize": "eq", "bn_reestimate": "BN", "bias_correct": "bias", "scale_fit": "fit",
+                 "reconstruct": "recon", "recalibrate": "recal"}
+
+
+def repairs_label(row) -> str:
+    """The repairs a results row (CSV strings) was made with, e.g. "BN+bias+recon"; "" for none."""
+    return "+".join(n for k, n in REPAIR_ABBREV.items() if row.get(k) == "true")
+
+
 def git_revision(path: str | os.PathLike | None = None) -> str | None:
     """``git rev-parse HEAD`` of the repository holding ``path`` (default: this repository), with a
     ``-dirty`` suffix when tracked files are modified; None outside a git checkout."""
