@@ -16,6 +16,10 @@ between stages. Cold: the persistent compilation cache points at an empty folder
 
     python -m benchmarks.profile_sweep --group-sizes 4,64,tensor --act-bits 8 [--out DIR]
     python -m benchmarks.profile_sweep --calibration --group-sizes 4,tensor --act-bits 8,4
+    python -m benchmarks.profile_sweep --group-sizes 4,64,tensor --act-bits fp,8,4 --cpu-devices 1
+
+The CPU is split into JAX devices as `make sweep` splits it (`experiments.cli`, one per core by
+default); ``--cpu-devices 1`` gives the single-device evaluation of before issue 15's last change.
 """
 from __future__ import annotations
 
@@ -183,7 +187,14 @@ def main(argv=None) -> None:
     ap.add_argument("--calibration", action="store_true",
                     help="instead: time the one-forward calibration against the layer-by-layer loop")
     ap.add_argument("--repeats", type=int, default=3, help="--calibration: timed repeats")
+    ap.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                    help="JAX devices on the CPU, as `make sweep` sets them (experiments.cli; "
+                         "default one per core)")
     args = ap.parse_args(argv)
+
+    from experiments.cli import configure_cpu_devices
+
+    configure_cpu_devices(args.cpu_devices)
 
     import dataclasses
 

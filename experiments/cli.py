@@ -1,9 +1,11 @@
 """What every experiment CLI shares: ``--config`` with ``--set key=value`` overrides, ``--mesh``
-(shard each batch over all devices, multi-host when the jax.distributed environment is set), and
-the persistent XLA compilation cache."""
+(shard each batch over all devices, multi-host when the jax.distributed environment is set),
+``--cpu-devices`` (one JAX device per CPU core, so evaluation keeps every core busy) and the
+persistent XLA compilation cache."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from fgq_jax.fileio import REPO_ROOT
 
@@ -20,6 +22,43 @@ def add_common_args(parser: argparse.ArgumentParser, config_required: bool = Tru
     parser.add_argument("--mesh", action="store_true",
                         help="shard each batch over all devices (jax.sharding; multi-host when the "
                              "jax.distributed environment variables are set)")
+    parser.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                        help="split the CPU into N JAX devices; evaluation gives them whole batches "
+                             "in turn, with the same numbers as one device (default: one per core, "
+                             "at most 8; 1 with --mesh; a count already set in XLA_FLAGS or "
+                             "JAX_NUM_CPU_DEVICES is kept)")
+
+
+MAX_AUTO_CPU_DEVICES = 8
+
+
+def configure_cpu_devices(n: int | None, mesh: bool = False, env=None) -> int | None:
+    """Set ``jax_num_cpu_devices`` before JAX starts its backends; returns the count set, or None
+    when it is left alone (a count the user already forced; one device for a ``--mesh`` run, whose
+    sharded programs XLA compiles differently from the single-device one; JAX already started, for
+    the default count; an explicit ``n`` then raises RuntimeError).
+
+    Why: XLA's CPU convolutions at ResNet-20's widths mostly run on one thread, so one device leaves
+    the second core idle during evaluation; the `Evaluator` gives whole batches to each device in
+    turn (BENCHMARKS.md, issue 15)."""
+    import jax
+
+    env = os.environ if env is None else env
+    auto = n is None
+    if auto:
+        forced = "xla_force_host_platform_device_count" in env.get("XLA_FLAGS", "")
+        if mesh or forced or env.get("JAX_NUM_CPU_DEVICES"):
+            return None
+        n = min(os.cpu_count() or 1, MAX_AUTO_CPU_DEVICES)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--cpu-devices must be an integer >= 1, got {n!r}")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX already runs (the CLI called from Python): keep its devices
+        if not auto:
+            raise
+        return None
+    return n
 
 
 def compilation_cache_dir() -> str:
@@ -52,6 +91,10 @@ def setup(prog: str, args, config_cls):
         else:
             cfg = load_config(args.config, args.overrides, config_cls)
     except (FileNotFoundError, ValueError, TypeError) as e:
+        raise SystemExit(f"{prog}: {e}") from None
+    try:
+        configure_cpu_devices(getattr(args, "cpu_devices", None), mesh=args.mesh)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: JAX's backends already started
         raise SystemExit(f"{prog}: {e}") from None
     mesh = None
     if args.mesh:

@@ -4,12 +4,19 @@ The forward is `fgq_jax.intercept.quantized_apply`; weights and activation steps
 arguments, so one compiled step serves every group size, method and calibration of a sweep
 (`Evaluator.compilations` counts its traces so tests can check this). Post-training quantization,
 fine-tuning and the peer comparison all evaluate with it.
+
+Without a mesh, whole batches go round robin to the local devices, each running the same
+single-device program: the counts are those of one device bit for bit, and on a CPU split into one
+device per core (`experiments.cli`, ``--cpu-devices``) both cores work. (XLA's convolutions at
+ResNet-20's widths mostly run on one thread.) A mesh instead shards each batch (SPMD), which XLA
+may compile differently: it has rewritten the quantizer's ``x / step`` as ``x * (1 / step)``.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Mapping
+from collections import deque
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,13 +49,19 @@ class Evaluator:
 
     `compilations` counts how often the step was traced: changing weights (group size, method) or
     activation steps must leave it at 1.
+    mesh: shard each batch over it (SPMD). devices (without a mesh): the devices that take whole
+      batches in turn; default every local device.
     """
 
-    def __init__(self, module: nn.Module, family: str, act_cfg: ActConfig | None = None, mesh=None):
+    def __init__(self, module: nn.Module, family: str, act_cfg: ActConfig | None = None, mesh=None,
+                 devices: Sequence[jax.Device] | None = None):
         self.module = module
         self.family = family
         self.act_cfg = act_cfg or ActConfig()
         self.mesh = mesh
+        if mesh is not None and devices is not None:
+            raise ValueError("Evaluator: give a mesh or devices, not both")
+        self.devices = () if mesh is not None else tuple(devices or jax.local_devices())
         self.compilations = 0
         self._step = jax.jit(self._eval_step)
 
@@ -83,13 +96,17 @@ class Evaluator:
         if n == 0:
             raise ValueError("evaluate: no images given")
         if self.mesh is not None:
-            variables = distributed.replicate(variables, self.mesh)
-            act_steps = distributed.replicate(act_steps, self.mesh)
+            weights = [(distributed.replicate(variables, self.mesh),
+                        distributed.replicate(act_steps, self.mesh))]
+        else:  # one copy per device; batch k runs on device k mod len(devices)
+            weights = [jax.device_put((variables, act_steps), d) for d in self.devices]
         c1 = c5 = 0
         start = time.perf_counter()
         desc = progress if isinstance(progress, str) else "eval"
         bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
-        pending = None  # the previous batch's counts: read once the next batch is dispatched
+        # counts of dispatched batches, read once every device has a later batch queued (one
+        # device: the host prepares batch i+1 while batch i computes)
+        pending = deque()
 
         def collect(counts):
             nonlocal c1, c5
@@ -99,7 +116,7 @@ class Evaluator:
             bar.update(done)
             bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
 
-        for i in range(0, n, batch_size):
+        for k, i in enumerate(range(0, n, batch_size)):
             xb, yb = images[i : i + batch_size], labels[i : i + batch_size]
             valid = np.ones(batch_size, bool)
             pad = batch_size - xb.shape[0]
@@ -107,14 +124,16 @@ class Evaluator:
                 valid[batch_size - pad :] = False
                 xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
                 yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-            batch = (jnp.asarray(xb), jnp.asarray(yb, jnp.int32), jnp.asarray(valid))
+            batch = (xb, np.asarray(yb, np.int32), valid)
             if self.mesh is not None:
                 batch = distributed.shard_batch(batch, self.mesh)
-            counts = (self._step(variables, act_steps, *batch), batch_size - pad)
-            if pending is not None:  # the host prepares batch i+1 while batch i computes
-                collect(pending)
-            pending = counts
-        collect(pending)
+            else:
+                batch = jax.device_put(batch, self.devices[k % len(self.devices)])
+            pending.append((self._step(*weights[k % len(weights)], *batch), batch_size - pad))
+            if len(pending) > len(weights):
+                collect(pending.popleft())
+        while pending:
+            collect(pending.popleft())
         bar.close()
         seconds = time.perf_counter() - start
         return EvalResult(
@@ -139,5 +158,5 @@ def evaluate(
     **kwargs,
 ) -> EvalResult:
     """One-off evaluation (builds an `Evaluator`; reuse an `Evaluator` to avoid recompiling)."""
-    mesh = kwargs.pop("mesh", None)
-    return Evaluator(module, family, act_cfg, mesh=mesh)(variables, images, labels, act_steps, **kwargs)
+    mesh, devices = kwargs.pop("mesh", None), kwargs.pop("devices", None)
+    return Evaluator(module, family, act_cfg, mesh=mesh, devices=devices)(variables, images, labels, act_steps, **kwargs)

@@ -1,4 +1,5 @@
-"""Tests of fgq_jax.evaluate: top-1/top-5 against numpy, compile-once."""
+"""Tests of fgq_jax.evaluate: top-1/top-5 against numpy, compile-once. Round robin over devices:
+tests/test_distributed.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,3 +44,9 @@ def test_quantized_evaluator_reuses_compilation_across_steps(tiny):
     assert ev.compilations == 1
     with pytest.raises(ValueError, match="conv_b"):
         ev(variables, images, labels, {"fc": steps["fc"]}, batch_size=16, progress=False)
+
+
+def test_mesh_and_devices_are_exclusive(tiny):
+    module = tiny[0]
+    with pytest.raises(ValueError, match="mesh or devices"):
+        Evaluator(module, "cifar", mesh=object(), devices=jax.devices())
