@@ -78,11 +78,16 @@ def quantize_model(
     recipe: QuantRecipe,
     calib_images: np.ndarray | None = None,
     repair_images: np.ndarray | None = None,
+    calibrations: dict | None = None,
 ) -> QuantizedModel:
     """Quantize `variables_fp` of model `spec` (a `fgq_jax.models.ModelSpec`) as `recipe` says.
 
     calib_images: uint8 [n, H, W, C] unlabeled images for activation calibration (needed when
       act_bits is set). repair_images: uint8 unlabeled images for the repairs (needed when any is on).
+    calibrations: optional memo shared by several calls on the same model (a sweep's points): a
+      calibration of a bit-identical network on the same images with the same settings is taken from
+      it (calibration is deterministic), not recomputed. E.g. a repaired point first calibrates the
+      network its plain twin calibrated.
     """
     if not isinstance(recipe, QuantRecipe):
         raise TypeError(f"quantize_model takes a QuantRecipe, got {type(recipe).__name__}")
@@ -108,7 +113,17 @@ def quantize_model(
     def calibrate(v):
         if act.bits is None:
             return ActConfig(), {}
-        return calibrate_steps(module, v, calib_images, act.bits, act_layers, family, act.calibration)
+        key = None
+        if calibrations is not None:
+            key = (id(module), family, act.bits, tuple(act_layers), act.calibration,
+                   transforms.tree_fingerprint((v, calib_images)))
+            if key in calibrations:
+                cfg, steps = calibrations[key]
+                return cfg, dict(steps)
+        cfg, steps = calibrate_steps(module, v, calib_images, act.bits, act_layers, family, act.calibration)
+        if key is not None:
+            calibrations[key] = (cfg, dict(steps))
+        return cfg, steps
 
     act_cfg, steps = calibrate(variables)
     seconds, recon_log = {}, []

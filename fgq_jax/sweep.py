@@ -8,7 +8,6 @@ compiled once per activation setting (`Evaluator`) and reused for every N and me
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import time
@@ -255,11 +254,12 @@ def run_sweep(
         calib, repair = sample_images(cfg.dataset, cfg.calib_split, cfg.recipe)
         evaluators = {} if evaluators is None else evaluators
         evaluated = {}  # network_fingerprint -> EvalResult of this run
+        calibrated = {}  # shared by the points: a repaired point's first calibration is the plain one's
         bar = tqdm(todo, desc=cfg.name, unit="point", disable=not progress)
         for recipe in bar:
             t0, c0 = time.perf_counter(), time.process_time()
             bar.set_postfix_str(recipe.describe())
-            q = quantize_model(spec, variables_fp, recipe, calib, repair)
+            q = quantize_model(spec, variables_fp, recipe, calib, repair, calibrations=calibrated)
             quant_seconds = time.perf_counter() - t0
             ev = evaluators.get(q.act_cfg)
             if ev is None:
@@ -301,14 +301,7 @@ def run_sweep(
 def network_fingerprint(variables, act_cfg, act_steps) -> str:
     """SHA-256 of everything an evaluation depends on besides the data: every array of
     ``variables`` and ``act_steps`` (dtype, shape, bytes, tree structure) and the ActConfig."""
-    h = hashlib.sha256(repr(act_cfg).encode())
-    leaves, treedef = jax.tree.flatten((variables, dict(act_steps or {})))
-    h.update(str(treedef).encode())
-    for leaf in leaves:
-        a = np.asarray(leaf)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+    return transforms.tree_fingerprint((repr(act_cfg), variables, dict(act_steps or {})))
 
 
 def rounded_variables(q) -> dict:

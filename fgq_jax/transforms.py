@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import re
 from collections.abc import Sequence
 from typing import Any, Union
@@ -36,6 +37,7 @@ __all__ = [
     "quantized_paths",
     "ternarize_params",
     "path_to_str",
+    "tree_fingerprint",
 ]
 
 
@@ -266,3 +268,16 @@ def ternarize_params(
 ):
     """``quantize_params(params, default_rules(wq, first_layer, last_layer, first_last), mode)``."""
     return quantize_params(params, default_rules(wq, first_layer, last_layer, first_last), mode=mode)
+
+
+def tree_fingerprint(tree: Any) -> str:
+    """SHA-256 of a pytree: its structure and every leaf's dtype, shape and bytes. Equal
+    fingerprints mean bit-identical arrays, the condition for reusing a deterministic result
+    (an evaluation, a calibration) instead of recomputing it."""
+    leaves, treedef = jax.tree.flatten(tree)
+    h = hashlib.sha256(str(treedef).encode())
+    for leaf in leaves:
+        a = np.asarray(leaf)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()

@@ -175,3 +175,41 @@ def test_recalibrate_gives_each_later_repair_the_steps_of_the_network_it_acts_on
     else:
         assert same(seen["recon"][0], seen["fit"][0]) and same(seen["bias"][0], seen["fit"][0])
         assert not same(seen["recon"][0], fresh_for_recon)
+
+
+def test_a_shared_calibration_memo_saves_calibrations_and_changes_nothing(tiny, monkeypatch):
+    """A plain point, then its repaired twin: with a memo, the twin's first calibration (the same
+    ternarized network, images and settings) is taken from the plain point's; the quantized
+    models are bit for bit those without the memo. Another group size misses the memo."""
+    import types
+
+    import jax
+
+    from fgq_jax import ptq
+    from fgq_jax.recipe import QuantRecipe
+
+    module, variables, images, _ = tiny
+    spec = types.SimpleNamespace(module=module, first_layer="conv_a", last_layer="fc",
+                                 dataset_family="cifar", input_shape=images.shape[1:])
+    plain = QuantRecipe.make(method="exact", group_size=4, act_bits=4, num_calib=37)
+    repaired = plain.replace(bn_reestimate=True, augment_repair_images=False)
+    calls = []
+    real = ptq.calibrate_steps
+    monkeypatch.setattr(ptq, "calibrate_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(recipes, memo):
+        calls.clear()
+        out = [ptq.quantize_model(spec, variables, r, images, images, calibrations=memo) for r in recipes]
+        return out, len(calls)
+
+    recipes = [plain, repaired, plain.replace(group_size=2)]
+    without, n_without = run(recipes, None)
+    memo = {}
+    with_memo, n_with = run(recipes, memo)
+    assert (n_without, n_with, len(memo)) == (4, 3, 3)  # 1 + 2 + 1 calibrations; 1 taken from the memo
+    for a, b in zip(without, with_memo):
+        assert a.act_cfg == b.act_cfg
+        for x, y in zip(jax.tree.leaves((a.variables, a.act_steps)), jax.tree.leaves((b.variables, b.act_steps))):
+            assert jnp.array_equal(x, y)
+    again, n_again = run(recipes, memo)  # everything calibrated before: no calibration at all
+    assert n_again == 0
