@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Mapping
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from fgq_jax import accounting, fileio, results, transforms
