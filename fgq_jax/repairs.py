@@ -74,7 +74,6 @@ def reestimate_bn(
     act_cfg: ActConfig | None = None,
     act_steps: Mapping[str, jax.Array] | None = None,
     batch_size: int = 500,
-    devices=None,
 ) -> dict:
     """New `batch_stats` measured on the quantized network; returns updated variables.
 
@@ -82,20 +81,13 @@ def reestimate_bn(
     per-channel mean and variance are pooled over batches: mean = E[batch means], var = E[batch vars] +
     Var[batch means] (law of total variance), i.e. the statistics of the whole sample.
     images: uint8 [N, H, W, C], unlabeled.
-    devices: the batches go to these in turn (default every local device), each running the same
-      single-device program, so the statistics are those of one device bit for bit (as `Evaluator`).
     """
     act_cfg = act_cfg or ActConfig()
-    devices = tuple(devices or jax.local_devices())
-    weights = [jax.device_put((variables, act_steps), d) for d in devices]
-    per_batch = [
-        _bn_moments(module, act_cfg, *weights[k % len(devices)], jax.device_put(x, devices[k % len(devices)]))
-        for k, x in enumerate(normalized_batches(images, family, batch_size))
-    ]
-    per_batch = jax.device_put(per_batch, devices[0])
+
+    per_batch = [_bn_moments(module, act_cfg, variables, act_steps, x) for x in normalized_batches(images, family, batch_size)]
     if not per_batch or not per_batch[0]:
         raise ValueError("reestimate_bn: the model has no BatchNorm layers or no images were given")
-    stats = jax.device_put(variables["batch_stats"], devices[0])
+    stats = variables["batch_stats"]
     for path in per_batch[0]:
         means = jnp.stack([m[path][0] for m in per_batch])
         vars_ = jnp.stack([m[path][1] for m in per_batch])
