@@ -93,7 +93,7 @@ def setup(prog: str, args, config_cls):
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise SystemExit(f"{prog}: {e}") from None
     try:
-        configure_cpu_devices(getattr(args, "cpu_devices", None), mesh=args.mesh)
+        configure_cpu_devices(args.cpu_devices, mesh=args.mesh)
     except (ValueError, RuntimeError) as e:  # RuntimeError: JAX's backends already started
         raise SystemExit(f"{prog}: {e}") from None
     mesh = None

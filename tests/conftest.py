@@ -1,8 +1,8 @@
 """Shared fixtures: a tiny conv net (conv-BN-ReLU, strided conv, dense) and random images.
 
 The tests run with the CPU split into JAX devices as the experiment CLIs split it (one per core,
-`experiments.cli.configure_cpu_devices`), so evaluation and BN re-estimation take the devices in
-turn here as in `make sweep`; a count forced in XLA_FLAGS or JAX_NUM_CPU_DEVICES is kept."""
+`experiments.cli.configure_cpu_devices`), so evaluation takes the devices in turn here as in
+`make sweep`; a count forced in XLA_FLAGS or JAX_NUM_CPU_DEVICES is kept."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
